@@ -1,0 +1,5 @@
+"""Generative stories written against the code-site protocol (installed as ``probvq.models``)."""
+
+from .vqvae import VQVAE
+
+__all__ = ["VQVAE"]

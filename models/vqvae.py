@@ -1,0 +1,86 @@
+"""VQ-VAE (van den Oord et al. 2017, "Neural Discrete Representation Learning") as a Pyro program.
+
+Generative story, for each image x::
+
+    z_n ~ p(z_n)              for every position n of a G x G grid, z_n in {e_1, ..., e_K}
+    x   ~ p(x | g_theta(z))   a conv decoder and a likelihood (Bernoulli, discretised logistic, ...)
+
+p(z_n) is uniform (the paper's first stage, KL = log K per position under hard VQ) or a learned
+categorical per position. The guide declares the same site with encoder features
+``zhat = f_phi(x)``; which posterior that implies (hard VQ, stochastic quantisation, relaxed
+responsibilities, ...) is the guide family's choice, not the model's.
+"""
+
+from __future__ import annotations
+
+import pyro
+import torch
+from torch import Tensor, nn
+
+from probvq.codebook import Codebook
+from probvq.likelihoods import Likelihood
+from probvq.nets import conv_decoder, conv_encoder
+from probvq.sites import DATA_PLATE, CodeSite, code
+
+PRIORS = ("uniform", "learned")
+
+
+class VQVAE(nn.Module):
+    """One grid of codes between a conv encoder and decoder.
+
+    Args:
+        image_shape: ``(C, S, S)``.
+        likelihood: the observation model.
+        num_codes: K. code_dim: D. grid: G (S / G must be a power of two).
+        hidden: channels of the conv stacks. res_blocks: residual blocks per stack.
+        prior: ``"uniform"`` or ``"learned"`` (logits per position, trained with the ELBO).
+        codebook_init: see :class:`probvq.Codebook`. restart_threshold: dead-code restarts.
+    """
+
+    def __init__(
+        self,
+        image_shape: tuple[int, int, int],
+        likelihood: Likelihood,
+        num_codes: int = 64,
+        code_dim: int = 16,
+        grid: int = 7,
+        hidden: int = 64,
+        res_blocks: int = 2,
+        prior: str = "uniform",
+        codebook_init: str = "kmeans",
+        restart_threshold: float = 0.0,
+    ) -> None:
+        super().__init__()
+        channels, side, width = image_shape
+        if side != width:
+            raise ValueError(f"image_shape: expected square images, got {image_shape}")
+        if prior not in PRIORS:
+            raise ValueError(f"prior: expected one of {PRIORS}, got {prior!r}")
+        self.likelihood = likelihood
+        out_channels = channels * likelihood.channels_per_input
+        self.encoder = conv_encoder(channels, hidden, code_dim, side, grid, res_blocks)
+        self.decoder = conv_decoder(code_dim, hidden, out_channels, side, grid, res_blocks)
+        self.codebook = Codebook(num_codes, code_dim, codebook_init, restart_threshold)
+        self.z = CodeSite("z", self.codebook, (grid, grid))
+        self.prior_logits = (
+            nn.Parameter(torch.zeros(grid, grid, num_codes)) if prior == "learned" else None
+        )
+
+    @property
+    def code_sites(self) -> list[CodeSite]:
+        return [self.z]
+
+    def prior(self, batch_size: int) -> Tensor:
+        if self.prior_logits is None:
+            return self.z.uniform_logits((batch_size,))
+        return self.prior_logits.expand(batch_size, *self.prior_logits.shape)
+
+    def model(self, x: Tensor) -> None:
+        with pyro.plate(DATA_PLATE, x.shape[0]):
+            z = code(self.z, self.prior(x.shape[0]))
+            pyro.sample("x", self.likelihood(self.decoder(z.movedim(-1, 1))), obs=x)
+
+    def guide(self, x: Tensor) -> None:
+        with pyro.plate(DATA_PLATE, x.shape[0]):
+            zhat = self.encoder(x).movedim(1, -1)
+            code(self.z, self.prior(x.shape[0]), features=zhat)

@@ -1,0 +1,94 @@
+"""The face: compose a model from :mod:`probvq.models` with a family from :mod:`probvq.inference`.
+
+This is the one place (with the CLI) that imports both halves; ``models`` and ``inference`` only
+build on the core.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from torch import nn
+
+from probvq.config import RunConfig
+from probvq.data import SYNTHETIC, Dataset, load, synthetic
+from probvq.inference import FAMILIES, GuideFamily, TemperatureSchedule
+from probvq.likelihoods import LIKELIHOODS, make_likelihood
+from probvq.models import VQVAE
+
+MODELS = {"vqvae": VQVAE}
+
+DEFAULT_CODEBOOK_INIT = {"vq": "kmeans", "sq": "normal", "rr": "kmeans"}
+"""``codebook_init="auto"``: k-means on the first batch for VQ and RR; for SQ a unit normal table,
+as in Takida et al.'s code: codes fitted to the tiny initial encoder outputs leave every distance
+far below ``2 s^2``, q starts uniform and the dequantisation term keeps it there."""
+
+
+def resolve(config: RunConfig, dataset: Dataset) -> RunConfig:
+    """Check the names in ``config`` and fill in its ``auto`` choices for ``dataset``."""
+    if config.model not in MODELS:
+        raise ValueError(f"model: expected one of {sorted(MODELS)}, got {config.model!r}")
+    if config.family not in FAMILIES:
+        raise ValueError(f"family: expected one of {sorted(FAMILIES)}, got {config.family!r}")
+    if config.codebook_init == "auto":
+        config = replace(config, codebook_init=DEFAULT_CODEBOOK_INIT[config.family])
+    if config.likelihood == "auto":
+        by_kind = {kind: name for name, kind in LIKELIHOODS.items()}
+        config = replace(config, likelihood=by_kind[dataset.kind])
+    return config
+
+
+def load_data(config: RunConfig) -> Dataset:
+    """The run's dataset: ``--data PATH`` if given, else the named built-in dataset."""
+    if config.data is not None:
+        dataset = load(config.data)
+    elif config.dataset in SYNTHETIC:
+        dataset = synthetic(config.dataset)
+    else:
+        raise ValueError(
+            f"dataset: expected one of {SYNTHETIC} (or give --data PATH), got {config.dataset!r}"
+        )
+    if config.train_limit is not None:
+        dataset = replace(dataset, train=dataset.train[: config.train_limit])
+    return dataset
+
+
+def build_model(config: RunConfig, dataset: Dataset) -> nn.Module:
+    """The model named by ``config`` for images shaped like ``dataset``'s; checks the data first."""
+    channels = dataset.image_shape[0]
+    likelihood = make_likelihood(config.likelihood, dataset.kind, channels)
+    likelihood.check(dataset.train, "data (train)")
+    likelihood.check(dataset.valid, "data (valid)")
+    return MODELS[config.model](
+        dataset.image_shape,
+        likelihood,
+        num_codes=config.num_codes,
+        code_dim=config.code_dim,
+        grid=config.grid,
+        hidden=config.hidden,
+        res_blocks=config.res_blocks,
+        prior=config.prior,
+        codebook_init=config.codebook_init,
+        restart_threshold=config.restart_threshold,
+    )
+
+
+def build_family(config: RunConfig, vae: nn.Module) -> GuideFamily:
+    """The guide family named by ``config`` for ``vae``'s code sites."""
+    sites = vae.code_sites
+    if config.family == "vq":
+        return FAMILIES["vq"](sites, beta=config.beta, ema=config.ema, decay=config.ema_decay)
+    schedule = TemperatureSchedule(config.temperature, config.anneal_rate, config.temperature_min)
+    return FAMILIES[config.family](
+        sites,
+        init_var=config.init_var,
+        temperature=schedule,
+        straight_through=config.straight_through,
+    )
+
+
+def build(config: RunConfig, dataset: Dataset) -> tuple[nn.Module, GuideFamily]:
+    """Model and family for ``config`` (with ``auto`` choices resolved) on ``dataset``."""
+    config = resolve(config, dataset)
+    vae = build_model(config, dataset)
+    return vae, build_family(config, vae)

@@ -1,0 +1,186 @@
+"""The ``probvq`` command: ``train`` a model under a guide family, ``evaluate`` a run.
+
+Settings come from defaults, then ``--config FILE`` (TOML or JSON), then flags. Errors in the input
+(missing files, bad data, bad settings) are reported in one line before any work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import types
+import typing
+from dataclasses import fields, replace
+from pathlib import Path
+
+import pyro
+import torch
+
+from probvq.build import build, load_data, resolve
+from probvq.config import RunConfig, read_config_file
+from probvq.inference import RunDir, evaluate, fit, load_checkpoint
+from probvq.inference.checkpoint import write_json
+
+HELP = {
+    "model": "model to train (vqvae)",
+    "family": "guide family: vq (hard VQ), sq (stochastic quantisation), rr (relaxed responsibilities)",
+    "num_codes": "codebook size K",
+    "code_dim": "code dimension D",
+    "grid": "side of the latent grid (image side / grid must be a power of two)",
+    "hidden": "channels of the conv encoder and decoder",
+    "res_blocks": "residual blocks in encoder and decoder",
+    "likelihood": "auto, bernoulli, logistic (8-bit) or gaussian",
+    "prior": "uniform or learned prior over codes",
+    "codebook_init": "auto, normal, uniform, data or kmeans",
+    "restart_threshold": "restart codes whose usage EMA falls below this (0: never)",
+    "beta": "vq: commitment weight",
+    "ema": "vq: learn the codebook by exponential moving averages",
+    "ema_decay": "vq: EMA decay",
+    "init_var": "sq/rr: initial quantisation variance",
+    "temperature": "sq/rr: initial Concrete temperature tau_0",
+    "temperature_min": "sq/rr: smallest temperature",
+    "anneal_rate": "sq/rr: temperature decay rate lambda (tau_t = tau_0 exp(-lambda t))",
+    "straight_through": "sq/rr: hard forward samples with a Concrete gradient",
+    "data": "dataset file or directory (.amat, .npz/.npy, MNIST idx, CIFAR-10 batches)",
+    "dataset": "built-in dataset when --data is not given: synthetic or synthetic-rgb",
+    "train_limit": "use only the first N training examples",
+    "epochs": "passes over the training data",
+    "max_steps": "stop after this many steps",
+    "batch_size": "examples per step",
+    "lr": "Adam learning rate",
+    "clip_norm": "global gradient-norm clip",
+    "eval_every": "steps between validation evaluations (default: once per epoch)",
+    "valid_size": "validation examples evaluated during training",
+    "seed": "random seed",
+    "device": "cpu or cuda",
+    "out": "new run directory (default: runs/<model>-<family>-<time>)",
+    "quiet": "no progress bar",
+}
+
+
+def _scalar_type(hint: object) -> type:
+    """``int`` for ``int``, ``int | None`` alike."""
+    if isinstance(hint, types.UnionType):
+        return next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    return hint  # type: ignore[return-value]
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="TOML or JSON file of settings (flags override it)")
+    hints = typing.get_type_hints(RunConfig)
+    for f in fields(RunConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = _scalar_type(hints[f.name])
+        helptext = f"{HELP[f.name]} (default: {f.default})"
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=helptext)
+        else:
+            parser.add_argument(flag, type=kind, help=helptext)
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    values = read_config_file(args.config) if args.config else {}
+    RunConfig.from_dict(values, source=f"--config {args.config}")
+    flags = {f.name: getattr(args, f.name) for f in fields(RunConfig)}
+    values.update({name: value for name, value in flags.items() if value is not None})
+    return RunConfig.from_dict(values)
+
+
+def _check_device(device: str) -> None:
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"--device: {err}") from err
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device: {device} asked for, but CUDA is not available here")
+
+
+def train_command(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    _check_device(config.device)
+    dataset = load_data(config)
+    config = resolve(config, dataset)
+    pyro.set_rng_seed(config.seed)
+    vae, family = build(config, dataset)
+    out = config.out or f"runs/{config.model}-{config.family}-{time.strftime('%Y%m%d-%H%M%S')}"
+    config = replace(config, out=str(out))
+    run = RunDir.create(out, config.to_dict())
+    prepare = vae.likelihood.prepare
+    result = fit(vae, family, prepare(dataset.train), prepare(dataset.valid), config, run)
+    summary = {
+        "run_dir": str(run.path),
+        "steps": result.steps,
+        "best_step": result.best["step"],
+        "best": result.best["valid"],
+        "final": result.history[-1]["valid"],
+    }
+    write_json(run.path / "summary.json", summary)
+    print(json.dumps(summary))
+    return 0
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
+    run = RunDir.open(args.run_dir)
+    config = RunConfig.from_dict(run.config(), source=f"{run.path}/config.json")
+    device = args.device or config.device
+    _check_device(device)
+    if args.data is not None:
+        config = replace(config, data=args.data)
+    dataset = load_data(config)
+    vae, family = build(config, dataset)
+    state = load_checkpoint(run.checkpoint(args.checkpoint), map_location=device)
+    try:
+        vae.load_state_dict(state["model"])
+        family.load_state_dict(state["family"])
+    except (RuntimeError, KeyError) as err:
+        raise ValueError(
+            f"checkpoint: {run.checkpoint(args.checkpoint)} does not fit the model of "
+            f"{run.path}/config.json on this data ({err})"
+        ) from err
+    vae.to(device)
+    family.to(device)
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit: expected a positive integer, got {args.limit}")
+    splits = {"valid": dataset.valid, "train": dataset.train}
+    images = torch.cat([dataset.train, dataset.valid]) if args.split == "all" else splits[args.split]
+    x = vae.likelihood.prepare(images[: args.limit])
+    summary = evaluate(
+        vae, family, x, args.batch_size, args.seed, progress=not args.quiet and sys.stderr.isatty()
+    )
+    data = config.data or config.dataset
+    report = {"run_dir": str(run.path), "checkpoint": args.checkpoint, "step": state["step"]}
+    print(json.dumps({**report, "data": data, "split": args.split, **summary}))
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="probvq", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train a model under a guide family")
+    _add_config_flags(train)
+    train.set_defaults(handler=train_command)
+    ev = commands.add_parser("evaluate", help="exact ELBO, surrogate gap and usage of a run")
+    ev.add_argument("run_dir", type=Path, help="a run directory written by probvq train")
+    ev.add_argument("--data", help="dataset to evaluate on (default: the run's own data)")
+    ev.add_argument(
+        "--split", choices=("valid", "train", "all"), default="valid", help="which part of it"
+    )
+    ev.add_argument("--checkpoint", choices=("best", "final"), default="best")
+    ev.add_argument("--batch-size", type=int, default=500)
+    ev.add_argument("--limit", type=int, help="evaluate only the first N examples")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--device", help="cpu or cuda (default: the run's)")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    ev.set_defaults(handler=evaluate_command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+        print(f"probvq: error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,242 @@
+"""Distributions over the codes of a :class:`~probvq.spaces.CodeSpace`.
+
+Both distributions are categorical over K codes at each position; their *values* are what the codes
+stand for (embeddings, or unit states). They fix three Pyro sharp edges by construction:
+
+* ``log_prob`` is the exact categorical log-probability of the code a value stands for, never a
+  relaxed density (``RelaxedOneHotCategoricalStraightThrough`` scores the relaxed sample instead);
+* the support is the space's value space, so a relaxed value passes Pyro's validation at a model
+  site (``OneHotCategorical`` rejects it);
+* ``KL(q || p)`` is registered analytically against a categorical prior over the same space, so
+  ``TraceMeanField_ELBO`` uses the exact per-position KL.
+
+How ``rsample`` reparameterises is the family's choice, passed as a rule:
+
+* :class:`StraightThrough` ``(anchor)``: the hard code's value with the gradient of ``anchor``,
+  ``v = a + sg(e_k - a)`` (van den Oord et al. 2017 use the encoder output as anchor);
+* :class:`Concrete` ``(tau, hard)``: Gumbel-softmax weights ``w = softmax((l + g) / tau)``
+  (Jang et al. 2017; Maddison et al. 2017), ``v = sum_k w_k e_k``; with ``hard`` the forward value
+  is the hard code and the gradient that of ``w``.
+
+Either way the code a relaxed value stands for is ``argmax_k (l_k + g_k)``, an exact draw from the
+categorical (the Gumbel-max trick), and that is the code ``log_prob`` scores.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from pyro.distributions import TorchDistribution
+from torch import Tensor
+from torch.distributions import constraints, register_kl
+
+from probvq.spaces import CodeSpace
+
+
+class StraightThrough(NamedTuple):
+    """Reparameterise as ``anchor + sg(e_k - anchor)``; ``anchor`` has the value's shape."""
+
+    anchor: Tensor
+
+
+class Concrete(NamedTuple):
+    """Reparameterise with Gumbel-softmax weights at ``temperature``; ``hard`` for ST-Gumbel."""
+
+    temperature: float
+    hard: bool = False
+
+
+ReparamRule = StraightThrough | Concrete
+
+
+def normalised_logits(logits: Tensor) -> Tensor:
+    """``log_softmax`` over the last dimension, computed once for logits broadcast over positions.
+
+    A uniform or shared prior is an expanded view of fewer numbers; normalising the view would
+    allocate the full table, normalising its base (the leading broadcast dimensions dropped)
+    does not.
+    """
+    base = logits
+    while base.dim() > 1 and base.stride(0) == 0:
+        base = base[0]
+    return torch.log_softmax(base, -1).expand(logits.shape)
+
+
+def gumbel_like(logits: Tensor) -> Tensor:
+    """Standard Gumbel noise ``-log E``, ``E ~ Exp(1)``."""
+    exponential = torch.empty_like(logits).exponential_().clamp_min(torch.finfo(logits.dtype).tiny)
+    return -exponential.log()
+
+
+class CodeCategorical(TorchDistribution):
+    """Categorical over a space's codes at each position, with logits ``(..., K)``.
+
+    Values have shape ``batch_shape + space.value_shape``; ``rule`` (a :data:`ReparamRule`) makes
+    it reparameterisable, without one it samples exactly and has no ``rsample``.
+    """
+
+    arg_constraints = {"logits": constraints.real}
+
+    def __init__(
+        self,
+        logits: Tensor,
+        space: CodeSpace,
+        rule: ReparamRule | None = None,
+        validate_args: bool | None = None,
+    ) -> None:
+        if logits.shape[-1:] != (space.num_codes,):
+            raise ValueError(
+                f"logits: expected a last dimension of K={space.num_codes}, got {tuple(logits.shape)}"
+            )
+        self.logits = logits
+        self.space = space
+        self.rule = rule
+        super().__init__(logits.shape[:-1], space.value_shape, validate_args=validate_args)
+
+    @property
+    def support(self) -> constraints.Constraint:
+        return self.space.support
+
+    @property
+    def has_rsample(self) -> bool:
+        return self.rule is not None
+
+    @property
+    def log_probs(self) -> Tensor:
+        return normalised_logits(self.logits)
+
+    def expand(self, batch_shape: torch.Size, _instance=None) -> CodeCategorical:
+        batch_shape = torch.Size(batch_shape)
+        rule = self.rule
+        if isinstance(rule, StraightThrough):
+            rule = StraightThrough(rule.anchor.expand(batch_shape + self.event_shape))
+        logits = self.logits.expand((*batch_shape, self.space.num_codes))
+        return CodeCategorical(logits, self.space, rule, validate_args=False)
+
+    def _draw(self, sample_shape: torch.Size) -> tuple[Tensor, Tensor]:
+        perturbed = self.logits.expand(sample_shape + self.logits.shape) + gumbel_like(
+            self.logits.expand(sample_shape + self.logits.shape)
+        )
+        return perturbed, perturbed.argmax(-1)
+
+    def sample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:
+        with torch.no_grad():
+            _, index = self._draw(torch.Size(sample_shape))
+            value = self.space.embed_index(index)
+        self.space.remember(value, index)
+        return value
+
+    def rsample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:
+        if self.rule is None:
+            raise NotImplementedError("this code distribution was built without a reparam rule")
+        perturbed, index = self._draw(torch.Size(sample_shape))
+        if isinstance(self.rule, StraightThrough):
+            anchor = self.rule.anchor
+            value = anchor + (self.space.embed_index(index) - anchor).detach()
+        else:
+            weights = torch.softmax(perturbed / self.rule.temperature, -1)
+            if self.rule.hard:
+                one_hot = torch.nn.functional.one_hot(index, self.space.num_codes).to(weights)
+                weights = one_hot + (weights - weights.detach())
+            value = self.space.embed(weights)
+        self.space.remember(value, index)
+        return value
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        index = self.space.index_of(value)
+        log_probs = self.log_probs.expand((*index.shape, self.space.num_codes))
+        return log_probs.gather(-1, index.unsqueeze(-1)).squeeze(-1)
+
+    def entropy(self) -> Tensor:
+        log_probs = self.log_probs
+        return -(log_probs.exp() * log_probs).sum(-1)
+
+
+class CodePoint(TorchDistribution):
+    """A point mass on code ``index`` at each position: hard vector quantisation's posterior.
+
+    Stored as indices rather than logits, so even K = 65,536 codes cost nothing per position.
+    ``anchor`` gives the straight-through ``rsample``; without it the value is the plain code.
+    """
+
+    arg_constraints: dict = {}
+
+    def __init__(
+        self,
+        index: Tensor,
+        space: CodeSpace,
+        anchor: Tensor | None = None,
+        validate_args: bool | None = None,
+    ) -> None:
+        self.index = index
+        self.space = space
+        self.anchor = anchor
+        super().__init__(index.shape, space.value_shape, validate_args=validate_args)
+
+    @property
+    def support(self) -> constraints.Constraint:
+        return self.space.support
+
+    @property
+    def has_rsample(self) -> bool:
+        return self.anchor is not None
+
+    def expand(self, batch_shape: torch.Size, _instance=None) -> CodePoint:
+        batch_shape = torch.Size(batch_shape)
+        anchor = None if self.anchor is None else self.anchor.expand(batch_shape + self.event_shape)
+        return CodePoint(self.index.expand(batch_shape), self.space, anchor, validate_args=False)
+
+    def _value(self, sample_shape: torch.Size) -> tuple[Tensor, Tensor]:
+        index = self.index.expand(torch.Size(sample_shape) + self.index.shape)
+        return index, self.space.embed_index(index)
+
+    def sample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:
+        with torch.no_grad():
+            index, value = self._value(sample_shape)
+        self.space.remember(value, index)
+        return value
+
+    def rsample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:
+        if self.anchor is None:
+            raise NotImplementedError("this point mass was built without a straight-through anchor")
+        index, hard = self._value(sample_shape)
+        value = self.anchor + (hard - self.anchor).detach()
+        self.space.remember(value, index)
+        return value
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        hit = self.space.index_of(value) == self.index
+        return torch.zeros(hit.shape, device=hit.device).masked_fill(~hit, -torch.inf)
+
+    def entropy(self) -> Tensor:
+        return torch.zeros(self.batch_shape, device=self.index.device)
+
+
+def _check_same_space(q: CodeCategorical | CodePoint, p: CodeCategorical) -> None:
+    if q.space.num_codes != p.space.num_codes:
+        raise ValueError(
+            f"KL between code distributions over K={q.space.num_codes} and K={p.space.num_codes}"
+        )
+
+
+@register_kl(CodeCategorical, CodeCategorical)
+def _kl_categorical_categorical(q: CodeCategorical, p: CodeCategorical) -> Tensor:
+    """``sum_k q_k (log q_k - log p_k)``, with ``0 log 0 = 0``."""
+    _check_same_space(q, p)
+    log_q = q.log_probs
+    probs = log_q.exp()
+    log_q = torch.where(probs > 0, log_q, torch.zeros_like(log_q))
+    return (probs * (log_q - p.log_probs)).sum(-1)
+
+
+@register_kl(CodePoint, CodeCategorical)
+def _kl_point_categorical(q: CodePoint, p: CodeCategorical) -> Tensor:
+    """``-log p(k*)``: a point mass's KL is the prior's surprise at the chosen code."""
+    _check_same_space(q, p)
+    log_p = p.log_probs.expand((*q.index.shape, p.space.num_codes))
+    return -log_p.gather(-1, q.index.unsqueeze(-1)).squeeze(-1)

@@ -157,17 +157,19 @@ class Codebook(CodeSpace):
     def initialise(self, features: Tensor, iterations: int = 10) -> None:
         """Data-based initialisation from a batch of encoder outputs ``(..., D)``.
 
-        ``"data"`` copies random feature vectors; ``"kmeans"`` then runs Lloyd iterations.
+        ``"data"`` copies random feature vectors; ``"kmeans"`` seeds with k-means++ (Arthur and
+        Vassilvitskii 2007) and runs Lloyd iterations.
         """
         flat = self._flat(features.detach(), "features").to(self.weight.dtype)
         if flat.shape[0] == 0:
             raise ValueError("features: cannot initialise a codebook from an empty batch")
-        replace = flat.shape[0] < self.num_codes
-        pick = torch.multinomial(
-            torch.ones(flat.shape[0], device=flat.device), self.num_codes, replacement=replace
-        )
-        centres = flat[pick].clone()
-        if replace:
+        if self.init == "kmeans":
+            centres = _kmeans_plus_plus(flat, self.num_codes)
+        else:
+            replace = flat.shape[0] < self.num_codes
+            ones = torch.ones(flat.shape[0], device=flat.device)
+            centres = flat[torch.multinomial(ones, self.num_codes, replacement=replace)].clone()
+        if flat.shape[0] < self.num_codes:
             centres += 1e-3 * flat.std() * torch.randn_like(centres)
         if self.init == "kmeans":
             for _ in range(iterations):
@@ -223,6 +225,18 @@ class Codebook(CodeSpace):
         self.usage[dead] = self.restart_threshold
         self.ema_count[dead] = 1.0
         self.ema_sum[dead] = features[pick]
+
+
+def _kmeans_plus_plus(points: Tensor, k: int) -> Tensor:
+    """k-means++ seeding: each next centre drawn with probability proportional to D(x)^2."""
+    picks = [int(torch.randint(points.shape[0], ()))]
+    nearest = (points - points[picks[0]]).pow(2).sum(-1)
+    for _ in range(k - 1):
+        total = nearest.sum()
+        weights = nearest if total > 0 else torch.ones_like(nearest)
+        picks.append(int(torch.multinomial(weights, 1)))
+        nearest = torch.minimum(nearest, (points - points[picks[-1]]).pow(2).sum(-1))
+    return points[picks].clone()
 
 
 def perplexity(counts: Tensor) -> float:

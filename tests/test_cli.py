@@ -1,0 +1,128 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from probvq.inference import load_checkpoint, save_checkpoint
+from probvq.inference.checkpoint import RunDir
+
+from probvq.cli import main
+
+TINY = [
+    "--quiet", "--max-steps", "12", "--eval-every", "6", "--hidden", "8", "--res-blocks", "0",
+    "--num-codes", "8", "--code-dim", "4", "--train-limit", "300", "--valid-size", "50",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "sq"
+    assert main(["train", "--family", "sq", "--out", str(out), *TINY]) == 0
+    return out
+
+
+def test_train_writes_a_complete_run_directory(run_dir, capsys):
+    names = {p.name for p in run_dir.iterdir()}
+    assert names == {"config.json", "metrics.jsonl", "best.pt", "final.pt", "summary.json"}
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["family"] == "sq" and config["codebook_init"] == "normal"
+    assert config["likelihood"] == "bernoulli"
+    records = RunDir(run_dir).read_log()
+    assert [r["step"] for r in records] == [6, 12]
+    assert {"loss", "temperature", "valid"} <= set(records[0])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 12 and "perplexity" in summary["best"]
+    state = load_checkpoint(run_dir / "final.pt")
+    assert state["step"] == 12 and state["config"]["family"] == "sq"
+
+
+def test_evaluate_prints_one_json_object(run_dir, capsys):
+    capsys.readouterr()
+    assert main(["evaluate", str(run_dir), "--limit", "40", "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["examples"] == 40 and report["checkpoint"] == "best"
+    for key in ("exact_elbo", "exact_bits_per_dim", "surrogate_elbo", "surrogate_gap",
+                "perplexity", "dead_codes", "reconstruction_mse"):  # fmt: skip
+        assert key in report
+
+
+def test_evaluate_matches_the_training_log_on_the_same_slice(run_dir, capsys):
+    capsys.readouterr()
+    main(["evaluate", str(run_dir), "--checkpoint", "final", "--limit", "50", "--quiet"])
+    report = json.loads(capsys.readouterr().out)
+    logged = RunDir(run_dir).read_log()[-1]["valid"]
+    assert report["exact_elbo"]["mean"] == pytest.approx(logged["exact_elbo"]["mean"], rel=1e-5)
+
+
+def test_an_existing_run_is_never_overwritten(run_dir, capsys):
+    before = (run_dir / "final.pt").read_bytes()
+    assert main(["train", "--out", str(run_dir), *TINY]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (run_dir / "final.pt").read_bytes() == before
+
+
+def test_config_file_and_flag_precedence(tmp_path, capsys):
+    (tmp_path / "run.toml").write_text('family = "rr"\nnum_codes = 6\n')
+    out = tmp_path / "out"
+    flags = ["--config", str(tmp_path / "run.toml"), "--out", str(out), *TINY, "--num-codes", "5"]
+    assert main(["train", *flags]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["family"], config["num_codes"]) == ("rr", 5)
+    (tmp_path / "bad.toml").write_text("colour = 'red'\n")
+    assert main(["train", "--config", str(tmp_path / "bad.toml")]) == 2
+    assert "unknown settings ['colour']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "--data", "/no/such/path"], "no such file"),
+        (["train", "--num-codes", "1"], "K >= 2"),
+        (["train", "--temperature", "0"], "temperature"),
+        (["train", "--family", "gumbel"], "family"),
+        (["train", "--grid", "5"], "power of two"),
+        (["train", "--config", "/no/such.toml"], "--config"),
+        (["evaluate", "/no/such/run"], "config.json"),
+    ],
+)
+def test_bad_input_fails_with_one_clear_line(args, message, capsys, tmp_path):
+    assert (
+        main([*args, "--quiet"] if args[0] == "evaluate" else [*args, "--out", str(tmp_path / "o")]) == 2
+    )
+    err = capsys.readouterr().err
+    assert err.startswith("probvq: error:") and message in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_corrupted_or_foreign_checkpoints_are_refused(tmp_path, run_dir, capsys):
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="corrupted"):
+        load_checkpoint(tmp_path / "garbage.pt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    with pytest.raises(ValueError, match="not a probvq checkpoint"):
+        load_checkpoint(tmp_path / "foreign.pt")
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "missing.pt")
+    broken = tmp_path / "broken_run"
+    broken.mkdir()
+    (broken / "config.json").write_text((run_dir / "config.json").read_text())
+    (broken / "best.pt").write_bytes((run_dir / "best.pt").read_bytes()[:100])
+    assert main(["evaluate", str(broken), "--quiet"]) == 2
+    assert "corrupted" in capsys.readouterr().err
+
+
+def test_checkpoints_are_written_atomically(tmp_path):
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, {"step": 1})
+    with pytest.raises((TypeError, AttributeError)):  # unpicklable: the save fails midway
+        save_checkpoint(path, {"step": 2, "bad": lambda: None})
+    assert load_checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+def test_python_dash_m_runs_the_same_cli():
+    result = subprocess.run(
+        [sys.executable, "-m", "probvq", "evaluate", "--help"], capture_output=True, text=True
+    )
+    assert result.returncode == 0 and "run_dir" in result.stdout

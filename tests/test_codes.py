@@ -1,0 +1,158 @@
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+from torch.distributions import kl_divergence
+
+from probvq import BinaryUnits, Codebook, CodeCategorical, CodePoint, Concrete, StraightThrough
+from probvq.codes import normalised_logits
+
+
+def monte_carlo_kl(q, p, draws=20_000):
+    values = q.sample((draws,))
+    log_ratio = q.log_prob(values) - p.log_prob(values)
+    return log_ratio.mean(0), log_ratio.std(0) / draws**0.5
+
+
+@pytest.mark.parametrize("space", [Codebook(6, 3, init="normal"), BinaryUnits()])
+def test_analytic_kl_matches_monte_carlo(space):
+    k = space.num_codes
+    q = CodeCategorical(torch.randn(4, k) * 2, space)
+    p = CodeCategorical(torch.randn(4, k), space)
+    analytic = kl_divergence(q, p)
+    estimate, se = monte_carlo_kl(q, p)
+    assert analytic.shape == (4,)
+    assert torch.all((analytic - estimate).abs() < 5 * se + 1e-3)
+    assert torch.all(analytic >= 0)
+
+
+def test_kl_of_a_point_mass_is_the_prior_surprise():
+    book = Codebook(5, 2, init="normal")
+    p = CodeCategorical(torch.randn(3, 5), book)
+    index = torch.tensor([0, 4, 2])
+    q = CodePoint(index, book)
+    expected = -torch.log_softmax(p.logits, -1).gather(-1, index[:, None]).squeeze(-1)
+    torch.testing.assert_close(kl_divergence(q, p), expected)
+    estimate, _ = monte_carlo_kl(q, p, draws=10)
+    torch.testing.assert_close(estimate, expected)
+
+
+def test_kl_is_registered_through_independent_wrappers():
+    book = Codebook(4, 2, init="normal")
+    q = CodeCategorical(torch.randn(2, 3, 4), book).to_event(1)
+    p = CodeCategorical(torch.zeros(2, 3, 4), book).to_event(1)
+    kl = kl_divergence(q, p)
+    assert kl.shape == (2,)
+    torch.testing.assert_close(kl, kl_divergence(q.base_dist, p.base_dist).sum(-1))
+
+
+def test_log_prob_is_the_exact_categorical_probability_of_the_code():
+    book = Codebook(4, 3, init="normal")
+    logits = torch.randn(2, 4)
+    q = CodeCategorical(logits, book)
+    value = book.weight[[1, 3]].detach().clone()  # not drawn by q: found by nearest row
+    expected = torch.log_softmax(logits, -1)[[0, 1], [1, 3]]
+    torch.testing.assert_close(q.log_prob(value), expected)
+    total = torch.logsumexp(torch.stack([q.log_prob(book.weight[[j, j]]) for j in range(4)]), 0)
+    torch.testing.assert_close(total, torch.zeros(2), atol=1e-6, rtol=0)
+
+
+def test_straight_through_passes_the_gradient_to_the_anchor_unchanged():
+    book = Codebook(8, 3, init="normal")
+    anchor = torch.randn(5, 3, requires_grad=True)
+    index = book.nearest(anchor)
+    value = CodePoint(index, book, anchor).rsample()
+    torch.testing.assert_close(value, book.weight[index].detach())
+    upstream = torch.randn(5, 3)
+    (value * upstream).sum().backward()
+    torch.testing.assert_close(anchor.grad, upstream)
+    assert book.weight.grad is None
+
+
+def test_straight_through_rule_on_a_categorical():
+    book = Codebook(8, 3, init="normal")
+    anchor = torch.randn(5, 3, requires_grad=True)
+    value = CodeCategorical(torch.randn(5, 8), book, StraightThrough(anchor)).rsample()
+    index = book.index_of(value)
+    torch.testing.assert_close(value, book.weight[index].detach())
+    value.sum().backward()
+    torch.testing.assert_close(anchor.grad, torch.ones(5, 3))
+
+
+@pytest.mark.parametrize("hard", [False, True])
+def test_concrete_samples_carry_gradient_to_logits_and_codebook(hard):
+    book = Codebook(6, 2, init="normal")
+    logits = torch.randn(10, 6, requires_grad=True)
+    q = CodeCategorical(logits, book, Concrete(0.5, hard=hard))
+    value = q.rsample()
+    if hard:
+        torch.testing.assert_close(value, book.weight[book.index_of(value)].detach())
+    value.pow(2).sum().backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+    assert book.weight.grad is not None and book.weight.grad.abs().sum() > 0
+
+
+def test_the_code_behind_a_relaxed_sample_is_an_exact_draw():
+    book = Codebook(4, 2, init="normal")
+    probs = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    q = CodeCategorical(probs.log().expand(40_000, 4), book, Concrete(2.0))
+    value = q.rsample()
+    counts = torch.bincount(book.index_of(value), minlength=4).float() / 40_000
+    torch.testing.assert_close(counts, probs, atol=0.01, rtol=0)
+    # the soft value is not a codebook row, yet log_prob scores its exact code
+    assert (value - book.weight[book.index_of(value)]).abs().max() > 0.01
+    torch.testing.assert_close(q.log_prob(value), probs.log()[book.index_of(value)])
+
+
+def test_exact_samples_and_point_masses_have_no_rsample():
+    book = Codebook(3, 2, init="normal")
+    assert not CodeCategorical(torch.zeros(3), book).has_rsample
+    with pytest.raises(NotImplementedError):
+        CodeCategorical(torch.zeros(3), book).rsample()
+    with pytest.raises(NotImplementedError):
+        CodePoint(torch.tensor(1), book).rsample()
+
+
+def test_point_mass_scores_other_codes_minus_infinity():
+    book = Codebook(3, 2, init="normal")
+    q = CodePoint(torch.tensor([0, 2]), book)
+    scores = q.log_prob(book.weight[[0, 1]].detach())
+    assert scores[0] == 0 and scores[1] == -torch.inf
+
+
+def test_normalised_logits_keeps_broadcast_priors_as_views():
+    base = torch.randn(7)
+    expanded = base.expand(100, 49, 7)
+    out = normalised_logits(expanded)
+    assert out.stride()[:2] == (0, 0)
+    torch.testing.assert_close(out[3, 5], torch.log_softmax(base, -1))
+
+
+def test_relaxed_values_pass_pyro_validation_at_a_model_site():
+    """A soft sample replayed into a categorical prior site is valid and scored exactly."""
+    assert pyro.infer.util.is_validation_enabled()
+    book = Codebook(5, 3, init="normal")
+
+    def model():
+        with pyro.plate("data", 4):
+            z = pyro.sample("z", CodeCategorical(torch.zeros(4, 2, 5), book).to_event(1))
+            pyro.sample("x", dist.Normal(z.sum(-1), 1.0).to_event(1), obs=torch.zeros(4, 2))
+
+    logits = torch.randn(4, 2, 5, requires_grad=True)
+
+    def guide():
+        with pyro.plate("data", 4):
+            q = CodeCategorical(logits, book, Concrete(0.7))
+            pyro.sample("z", q.to_event(1))
+
+    for elbo in (Trace_ELBO(), TraceMeanField_ELBO()):
+        loss = elbo.differentiable_loss(model, guide)
+        assert torch.isfinite(loss)
+        loss.backward()
+    assert logits.grad.abs().sum() > 0
+
+
+def test_logits_must_match_the_number_of_codes():
+    with pytest.raises(ValueError, match="K=4"):
+        CodeCategorical(torch.zeros(2, 3), Codebook(4, 2))

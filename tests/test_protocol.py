@@ -1,0 +1,155 @@
+"""The code-site protocol: several sites, top-down priors, nested families, binary units."""
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from probvq.inference import RR, SQ, VQ, TemperatureSchedule, elbo_terms, run_traces
+from torch import nn
+
+from probvq import DATA_PLATE, BinaryUnits, Codebook, CodeSite, code
+
+
+class TwoLevel(nn.Module):
+    """z_top (2 positions) -> prior logits of z_bottom (3 positions) -> x in {0,1}^8."""
+
+    def __init__(self):
+        super().__init__()
+        self.top_book, self.bottom_book = Codebook(4, 3, init="normal"), Codebook(5, 3, init="normal")
+        self.top = CodeSite("top", self.top_book, (2,))
+        self.bottom = CodeSite("bottom", self.bottom_book, (3,))
+        self.topdown = nn.Linear(6, 15)
+        self.decoder = nn.Linear(9, 8)
+        self.encoder = nn.Linear(8, 15)
+
+    @property
+    def code_sites(self):
+        return [self.top, self.bottom]
+
+    def bottom_prior(self, z_top):
+        return self.topdown(z_top.flatten(-2)).view(-1, 3, 5)
+
+    def model(self, x):
+        with pyro.plate(DATA_PLATE, x.shape[0]):
+            z_top = code(self.top, self.top.uniform_logits((x.shape[0],)))
+            z_bottom = code(self.bottom, self.bottom_prior(z_top))
+            pyro.sample(
+                "x", dist.Bernoulli(logits=self.decoder(z_bottom.flatten(-2))).to_event(1), obs=x
+            )
+
+    def guide(self, x):
+        with pyro.plate(DATA_PLATE, x.shape[0]):
+            h = self.encoder(x)
+            z_top = code(self.top, self.top.uniform_logits((x.shape[0],)), h[:, :6].view(-1, 2, 3))
+            code(self.bottom, self.bottom_prior(z_top), h[:, 6:].view(-1, 3, 3))
+
+
+@pytest.fixture
+def two_level():
+    return TwoLevel()
+
+
+def test_nested_families_answer_their_own_sites(two_level):
+    sq = SQ(two_level.code_sites, claims=["top"])
+    rr = RR(two_level.code_sites, claims=["bottom"])
+    model = rr.wrap(sq.wrap(two_level.model))
+    guide = rr.wrap(sq.wrap(two_level.guide))
+    x = torch.bernoulli(torch.full((16, 8), 0.5))
+    model_trace, guide_trace = run_traces(model, guide, x)
+    assert "top.deq" in guide_trace.nodes and "bottom.deq" not in guide_trace.nodes
+    terms = elbo_terms(model_trace, guide_trace)
+    assert set(terms.rate) == {"top", "top.deq", "bottom"}
+    loss = pyro.infer.TraceMeanField_ELBO().differentiable_loss(model, guide, x)
+    loss.backward()
+    # the top-down prior trains through the bottom KL and RR's prior mixing weights
+    assert two_level.topdown.weight.grad.abs().sum() > 0
+    assert sq.log_var["top"].grad is not None and rr.log_var["bottom"].grad is not None
+
+
+def test_a_site_no_family_claims_is_refused_in_the_guide(two_level):
+    vq = VQ(two_level.code_sites, claims=["top"])
+    with pytest.raises(RuntimeError, match=r"'bottom'.*no guide family"):
+        vq.wrap(two_level.guide)(torch.zeros(2, 8))
+
+
+def test_without_a_family_the_model_samples_ancestrally(two_level):
+    trace = pyro.poutine.trace(two_level.model).get_trace(torch.zeros(3, 8))
+    bottom = trace.nodes["bottom"]["value"]
+    assert bottom.shape == (3, 3, 3)
+    rows = two_level.bottom_book.weight.detach()
+    assert torch.all((bottom[..., None, :] - rows).abs().sum(-1).min(-1).values < 1e-6)
+
+
+def test_learned_prior_logits_receive_gradients(two_level):
+    logits = nn.Parameter(torch.zeros(2, 4))
+
+    def model(x):
+        with pyro.plate(DATA_PLATE, x.shape[0]):
+            z = code(two_level.top, logits.expand(x.shape[0], 2, 4))
+            pyro.sample("x", dist.Normal(z.sum((-1, -2)), 1.0), obs=x)
+
+    def guide(x):
+        with pyro.plate(DATA_PLATE, x.shape[0]):
+            code(two_level.top, logits.expand(x.shape[0], 2, 4), features=torch.randn(x.shape[0], 2, 3))
+
+    for family in (VQ([two_level.top]), SQ([two_level.top]), RR([two_level.top])):
+        logits.grad = None
+        loss = family.elbo().differentiable_loss(family.wrap(model), family.wrap(guide), torch.zeros(5))
+        loss.backward()
+        assert logits.grad.abs().sum() > 0, family.name
+
+
+def test_binary_units_are_a_code_space_without_codebook():
+    site = CodeSite("h", BinaryUnits(), (8,))
+
+    def model(n):
+        with pyro.plate(DATA_PLATE, n):
+            return code(site, torch.tensor([-3.0, 3.0]).expand(n, 8, 2))
+
+    h = model(2000)
+    assert h.shape == (2000, 8) and set(h.unique().tolist()) <= {0.0, 1.0}
+    torch.testing.assert_close(h.mean(), torch.sigmoid(torch.tensor(6.0)), atol=0.01, rtol=0)
+    with pytest.raises(ValueError, match="BinaryUnits"):
+        VQ([site])
+
+
+def test_code_checks_shapes_before_any_work(two_level):
+    with pytest.raises(ValueError, match="prior"):
+        code(two_level.top, torch.zeros(5, 2, 3))
+    with pytest.raises(ValueError, match="features"):
+        code(two_level.top, torch.zeros(5, 2, 4), features=torch.zeros(5, 2, 4))
+    with pytest.raises(TypeError, match="prior"):
+        code(two_level.top, [0.0, 1.0])
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda s: CodeSite("not a name", s, (2,)), "identifier"),
+        (lambda s: CodeSite("z", s, (0,)), "grid"),
+        (lambda s: VQ([CodeSite("z", s, (2,))], claims=["w"]), "claims"),
+        (lambda s: VQ([CodeSite("z", s, (2,))], beta=-1), "beta"),
+        (lambda s: VQ([CodeSite("z", s, (2,))], decay=1.0), "decay"),
+        (lambda s: SQ([CodeSite("z", s, (2,))], init_var=0.0), "init_var"),
+        (lambda s: RR([CodeSite("z", s, (2,))], init_var=-1.0), "init_var"),
+        (lambda s: TemperatureSchedule(initial=0.0), "temperature initial"),
+        (lambda s: TemperatureSchedule(minimum=-1.0), "temperature minimum"),
+        (lambda s: TemperatureSchedule(rate=-1.0), "temperature rate"),
+    ],
+)
+def test_bad_arguments_are_refused_clearly(make, match):
+    with pytest.raises(ValueError, match=match):
+        make(Codebook(4, 3))
+
+
+def test_temperature_schedule_decays_exponentially_to_its_floor():
+    schedule = TemperatureSchedule(initial=2.0, rate=0.01, minimum=0.5)
+    assert schedule(0) == 2.0
+    assert schedule(100) == pytest.approx(2.0 * torch.e**-1)
+    assert schedule(10_000) == 0.5
+    family = SQ([CodeSite("z", Codebook(4, 3), (2,))], temperature=schedule)
+    for _ in range(100):
+        family.after_step()
+    assert family.temperature == pytest.approx(schedule(100))
+    with family.exact():
+        assert family.relaxation() is None

@@ -2,7 +2,7 @@
 
 from .checkpoint import RunDir, load_checkpoint, save_checkpoint
 from .evaluate import evaluate
-from .family import GuideFamily, regulariser
+from .family import FamilyStack, GuideFamily, regulariser
 from .relaxed import RelaxedFamily, TemperatureSchedule
 from .rr import RR
 from .sq import SQ
@@ -18,6 +18,7 @@ __all__ = [
     "SQ",
     "VQ",
     "ElboTerms",
+    "FamilyStack",
     "GuideFamily",
     "RelaxedFamily",
     "RunDir",

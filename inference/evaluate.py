@@ -26,7 +26,7 @@ from probvq.codebook import perplexity
 from probvq.likelihoods import bits_per_dim
 from probvq.sites import DiscreteVAE
 
-from .family import GuideFamily
+from .family import FamilyStack, GuideFamily
 from .terms import code_indices, elbo_terms, observed_dims, reconstruction_error, run_traces
 
 
@@ -49,7 +49,7 @@ def _batches(x: Tensor, batch_size: int, progress: bool) -> Iterable[Tensor]:
 
 def evaluate(
     vae: DiscreteVAE,
-    family: GuideFamily,
+    family: GuideFamily | FamilyStack,
     x: Tensor,
     batch_size: int = 500,
     seed: int = 0,

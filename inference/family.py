@@ -19,7 +19,7 @@ and travel in its ``state_dict``. Two switches govern it:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import pyro
 import pyro.distributions as dist
@@ -132,9 +132,12 @@ class GuideFamily(nn.Module):
         if learning and isinstance(space, Codebook) and not bool(space.initialised):
             space.initialise(request.features)
         value = self.guide_site(request)
-        if learning and isinstance(space, Codebook):
+        if learning and isinstance(space, Codebook) and self._keeps_statistics(space):
             space.observe(request.features, space.index_of(value))
         return value
+
+    def _keeps_statistics(self, space: Codebook) -> bool:
+        return self.ema_decay is not None or space.restart_threshold > 0
 
     def model_site(self, request: CodeRequest) -> Tensor:
         """The generative side: ``z ~ p(z)``."""
@@ -156,3 +159,50 @@ class GuideFamily(nn.Module):
         for site in self.sites.values():
             if isinstance(site.space, Codebook):
                 site.space.commit(self.ema_decay)
+
+
+class FamilyStack(nn.Module):
+    """Families that claim disjoint sites of one model, used as a single family.
+
+    ``FamilyStack(SQ(sites, claims=["top"]), RR(sites, claims=["bottom"]))`` wraps programs with
+    both handlers, switches all of them to exact codes together, and steps all their schedules.
+    """
+
+    def __init__(self, *families: GuideFamily) -> None:
+        super().__init__()
+        if not families:
+            raise ValueError("families: a stack needs at least one family")
+        claimed: set[str] = set()
+        for family in families:
+            overlap = claimed & set(family.sites)
+            if overlap:
+                raise ValueError(f"families: sites {sorted(overlap)} are claimed twice")
+            claimed |= set(family.sites)
+        elbos = {family.elbo_class for family in families}
+        if len(elbos) > 1:
+            raise ValueError(
+                f"families: they train with different ELBOs {sorted(e.__name__ for e in elbos)}"
+            )
+        self.families = nn.ModuleList(families)
+        self.name = "+".join(family.name for family in families)
+        self.elbo_class = families[0].elbo_class
+        self.sites = {name: site for family in families for name, site in family.sites.items()}
+
+    @contextmanager
+    def exact(self) -> Iterator[None]:
+        with ExitStack() as stack:
+            for family in self.families:
+                stack.enter_context(family.exact())
+            yield
+
+    def wrap(self, program: Callable) -> Callable:
+        for family in self.families:
+            program = family.wrap(program)
+        return program
+
+    def elbo(self, **kwargs) -> ELBO:
+        return self.elbo_class(**kwargs)
+
+    def after_step(self) -> None:
+        for family in self.families:
+            family.after_step()

@@ -26,7 +26,7 @@ from probvq.sites import DiscreteVAE
 
 from .checkpoint import RunDir, save_checkpoint
 from .evaluate import evaluate
-from .family import GuideFamily
+from .family import FamilyStack, GuideFamily
 
 
 @dataclass
@@ -45,7 +45,7 @@ def _minibatches(n: int, batch_size: int, generator: torch.Generator):
 
 def fit(
     vae: DiscreteVAE,
-    family: GuideFamily,
+    family: GuideFamily | FamilyStack,
     train_x: Tensor,
     valid_x: Tensor,
     config: RunConfig,

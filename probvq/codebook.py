@@ -7,7 +7,8 @@ codebook is (``nearest`` never holds the full N x K matrix at all).
 Training statistics are *observed* during a step and *committed* after the optimiser step, so the
 table never changes under an autograd graph that still needs it:
 
-* usage: an exponential moving average of assignments per code, for dead-code restarts;
+* usage: an exponential moving average of assignments per code, for dead-code restarts (families
+  record statistics only when restarts or EMA updates will use them);
 * EMA codebook (van den Oord et al. 2017, appendix; Razavi et al. 2019):
   ``N_k <- g N_k + (1 - g) n_k``, ``m_k <- g m_k + (1 - g) sum_{i: k_i = k} zhat_i``,
   with Laplace-smoothed counts ``N_k <- (N_k + eps) / (N + K eps) * N`` and ``e_k = m_k / N_k``;

@@ -2,7 +2,8 @@
 
 Each likelihood says which raw data it accepts (:meth:`Likelihood.check`), how raw data becomes the
 model's input (:meth:`Likelihood.prepare`), how many decoder channels it reads per image channel,
-and builds a distribution with the image as one event.
+and builds a distribution with the image as one event. The data is checked once, before training,
+so the per-step distributions skip Pyro's sample validation (a full pass over every batch).
 
 * :class:`Bernoulli`: binary pixels; nats per example.
 * :class:`DiscretisedLogistic`: 8-bit pixels in 256 bins (Salimans et al. 2017, PixelCNN++),
@@ -64,7 +65,7 @@ class Bernoulli(Likelihood):
         return x.float()
 
     def forward(self, out: Tensor) -> TorchDistribution:
-        return dist.Bernoulli(logits=out).to_event(3)
+        return dist.Bernoulli(logits=out, validate_args=False).to_event(3)
 
 
 class DiscretisedLogisticDistribution(TorchDistribution):
@@ -140,7 +141,8 @@ class DiscretisedLogistic(Likelihood):
 
     def forward(self, out: Tensor) -> TorchDistribution:
         loc, log_scale = out.chunk(2, dim=1)
-        return DiscretisedLogisticDistribution(loc, log_scale.clamp_min(-7.0)).to_event(3)
+        scale = log_scale.clamp_min(-7.0)
+        return DiscretisedLogisticDistribution(loc, scale, validate_args=False).to_event(3)
 
 
 class Gaussian(Likelihood):
@@ -159,7 +161,8 @@ class Gaussian(Likelihood):
         return x.float()
 
     def forward(self, out: Tensor) -> TorchDistribution:
-        return dist.Normal(out, torch.exp(0.5 * self.log_var)).to_event(3)
+        scale = torch.exp(0.5 * self.log_var)
+        return dist.Normal(out, scale, validate_args=False).to_event(3)
 
 
 LIKELIHOODS = {"bernoulli": "binary", "logistic": "8bit", "gaussian": "real"}

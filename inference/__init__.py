@@ -3,7 +3,7 @@
 from .checkpoint import RunDir, load_checkpoint, save_checkpoint
 from .evaluate import evaluate
 from .family import FamilyStack, GuideFamily, regulariser
-from .relaxed import RelaxedFamily, TemperatureSchedule
+from .relaxed import GaussianQuantiser, RelaxedFamily, TemperatureSchedule
 from .rr import RR
 from .sq import SQ
 from .terms import ElboTerms, code_indices, elbo_terms, run_traces
@@ -19,6 +19,7 @@ __all__ = [
     "VQ",
     "ElboTerms",
     "FamilyStack",
+    "GaussianQuantiser",
     "GuideFamily",
     "RelaxedFamily",
     "RunDir",

@@ -47,8 +47,8 @@ def regulariser(name: str, penalty: Tensor) -> None:
 
 
 def squared_error(a: Tensor, b: Tensor, event_dims: int) -> Tensor:
-    """``||a - b||^2`` summed over the last ``event_dims`` dimensions."""
-    return (a - b).pow(2).flatten(-event_dims).sum(-1)
+    """``||a - b||^2`` summed over the last ``event_dims`` (>= 1) dimensions."""
+    return (a - b).pow(2).sum(tuple(range(-event_dims, 0)))
 
 
 class FamilyMessenger(Messenger):

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from probvq.codes import Concrete
 from probvq.sites import CodeSite
@@ -71,3 +72,32 @@ class RelaxedFamily(GuideFamily):
     def after_step(self) -> None:
         super().after_step()
         self.steps += 1
+
+
+class GaussianQuantiser(RelaxedFamily):
+    """A relaxed family whose q comes from squared distances scaled by learned variances.
+
+    Each claimed site gets a log-variance parameter of shape :meth:`variance_shape` (a scalar for
+    SQ's shared ``s^2``, one per code for RR's ``s_k^2``), initialised at ``log(init_var)``.
+    """
+
+    def __init__(
+        self,
+        sites: Sequence[CodeSite],
+        init_var: float = 1.0,
+        temperature: TemperatureSchedule | None = None,
+        straight_through: bool = False,
+        claims: Iterable[str] | None = None,
+    ) -> None:
+        super().__init__(sites, temperature, straight_through, claims)
+        if not init_var > 0:
+            raise ValueError(f"init_var: the initial variance must be positive, got {init_var!r}")
+        self.log_var = nn.ParameterDict(
+            {
+                name: nn.Parameter(torch.full(self.variance_shape(site), math.log(init_var)))
+                for name, site in self.sites.items()
+            }
+        )
+
+    def variance_shape(self, site: CodeSite) -> tuple[int, ...]:
+        raise NotImplementedError

@@ -14,20 +14,17 @@ term; as every ``s_k^2 -> 0`` it becomes hard VQ.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Sequence
-
 import pyro
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from probvq.codes import CodeCategorical, normalised_logits
 from probvq.sites import CodeRequest, CodeSite
 
-from .relaxed import RelaxedFamily, TemperatureSchedule
+from .relaxed import GaussianQuantiser
 
 
-class RR(RelaxedFamily):
+class RR(GaussianQuantiser):
     """Relaxed responsibilities with prior mixing weights and learned per-code variances.
 
     Args:
@@ -40,23 +37,8 @@ class RR(RelaxedFamily):
 
     name = "rr"
 
-    def __init__(
-        self,
-        sites: Sequence[CodeSite],
-        init_var: float = 1.0,
-        temperature: TemperatureSchedule | None = None,
-        straight_through: bool = False,
-        claims: Iterable[str] | None = None,
-    ) -> None:
-        super().__init__(sites, temperature, straight_through, claims)
-        if not init_var > 0:
-            raise ValueError(f"init_var: the initial variance must be positive, got {init_var!r}")
-        self.log_var = nn.ParameterDict(
-            {
-                name: nn.Parameter(torch.full((site.num_codes,), math.log(init_var)))
-                for name, site in self.sites.items()
-            }
-        )
+    def variance_shape(self, site: CodeSite) -> tuple[int, ...]:
+        return (site.num_codes,)
 
     def guide_site(self, request: CodeRequest) -> Tensor:
         site, zhat = request.site, request.features

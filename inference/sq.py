@@ -19,21 +19,18 @@ true ELBO (``TraceMeanField_ELBO``'s mean-field condition holds).
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Sequence
-
 import pyro
 import pyro.distributions as dist
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from probvq.codes import CodeCategorical
 from probvq.sites import CodeRequest, CodeSite
 
-from .relaxed import RelaxedFamily, TemperatureSchedule
+from .relaxed import GaussianQuantiser
 
 
-class SQ(RelaxedFamily):
+class SQ(GaussianQuantiser):
     """Gaussian stochastic quantisation with a learned variance per site.
 
     Args:
@@ -46,20 +43,8 @@ class SQ(RelaxedFamily):
 
     name = "sq"
 
-    def __init__(
-        self,
-        sites: Sequence[CodeSite],
-        init_var: float = 1.0,
-        temperature: TemperatureSchedule | None = None,
-        straight_through: bool = False,
-        claims: Iterable[str] | None = None,
-    ) -> None:
-        super().__init__(sites, temperature, straight_through, claims)
-        if not init_var > 0:
-            raise ValueError(f"init_var: the initial variance must be positive, got {init_var!r}")
-        self.log_var = nn.ParameterDict(
-            {name: nn.Parameter(torch.tensor(math.log(init_var))) for name in self.sites}
-        )
+    def variance_shape(self, site: CodeSite) -> tuple[int, ...]:
+        return ()
 
     def scale(self, site: CodeSite) -> Tensor:
         """The dequantisation standard deviation ``s`` of a site."""

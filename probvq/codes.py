@@ -50,17 +50,21 @@ class Concrete(NamedTuple):
 ReparamRule = StraightThrough | Concrete
 
 
+def broadcast_base(logits: Tensor) -> Tensor:
+    """``logits`` without its leading broadcast (stride-0) dimensions: the numbers actually held."""
+    base = logits
+    while base.dim() > 1 and base.stride(0) == 0:
+        base = base[0]
+    return base
+
+
 def normalised_logits(logits: Tensor) -> Tensor:
     """``log_softmax`` over the last dimension, computed once for logits broadcast over positions.
 
     A uniform or shared prior is an expanded view of fewer numbers; normalising the view would
-    allocate the full table, normalising its base (the leading broadcast dimensions dropped)
-    does not.
+    allocate the full table, normalising its base does not.
     """
-    base = logits
-    while base.dim() > 1 and base.stride(0) == 0:
-        base = base[0]
-    return torch.log_softmax(base, -1).expand(logits.shape)
+    return torch.log_softmax(broadcast_base(logits), -1).expand(logits.shape)
 
 
 def gumbel_like(logits: Tensor) -> Tensor:
@@ -76,7 +80,9 @@ class CodeCategorical(TorchDistribution):
     it reparameterisable, without one it samples exactly and has no ``rsample``.
     """
 
-    arg_constraints = {"logits": constraints.real}
+    # Logits may be -inf (impossible codes); validation rejects NaN only, and checks the numbers
+    # held rather than their broadcast view (a uniform prior is K numbers, not N x K).
+    arg_constraints: dict = {}
 
     def __init__(
         self,
@@ -93,6 +99,8 @@ class CodeCategorical(TorchDistribution):
         self.space = space
         self.rule = rule
         super().__init__(logits.shape[:-1], space.value_shape, validate_args=validate_args)
+        if self._validate_args and torch.isnan(broadcast_base(logits)).any():
+            raise ValueError("logits: the code logits contain NaN")
 
     @property
     def support(self) -> constraints.Constraint:

@@ -29,6 +29,11 @@ def _check_finite_nonempty(x: Tensor, name: str) -> None:
         raise ValueError(f"{name}: the data contains NaN or infinite values")
 
 
+def _image(pixels: TorchDistribution) -> TorchDistribution:
+    """Pixels ``(B, C, H, W)`` as one event per image, without re-checking checked data."""
+    return dist.Independent(pixels, 3, validate_args=False)
+
+
 class Likelihood(nn.Module):
     """Abstract base of observation models."""
 
@@ -65,7 +70,7 @@ class Bernoulli(Likelihood):
         return x.float()
 
     def forward(self, out: Tensor) -> TorchDistribution:
-        return dist.Bernoulli(logits=out, validate_args=False).to_event(3)
+        return _image(dist.Bernoulli(logits=out, validate_args=False))
 
 
 class DiscretisedLogisticDistribution(TorchDistribution):
@@ -142,7 +147,7 @@ class DiscretisedLogistic(Likelihood):
     def forward(self, out: Tensor) -> TorchDistribution:
         loc, log_scale = out.chunk(2, dim=1)
         scale = log_scale.clamp_min(-7.0)
-        return DiscretisedLogisticDistribution(loc, scale, validate_args=False).to_event(3)
+        return _image(DiscretisedLogisticDistribution(loc, scale, validate_args=False))
 
 
 class Gaussian(Likelihood):
@@ -162,7 +167,7 @@ class Gaussian(Likelihood):
 
     def forward(self, out: Tensor) -> TorchDistribution:
         scale = torch.exp(0.5 * self.log_var)
-        return dist.Normal(out, scale, validate_args=False).to_event(3)
+        return _image(dist.Normal(out, scale, validate_args=False))
 
 
 LIKELIHOODS = {"bernoulli": "binary", "logistic": "8bit", "gaussian": "real"}

@@ -156,3 +156,11 @@ def test_relaxed_values_pass_pyro_validation_at_a_model_site():
 def test_logits_must_match_the_number_of_codes():
     with pytest.raises(ValueError, match="K=4"):
         CodeCategorical(torch.zeros(2, 3), Codebook(4, 2))
+
+
+def test_nan_logits_are_refused_under_validation():
+    with pytest.raises(ValueError, match="NaN"):
+        CodeCategorical(torch.tensor([0.0, float("nan")]).expand(5, 2), BinaryUnits())
+    assert (
+        CodeCategorical(torch.tensor([0.0, -torch.inf]), BinaryUnits()).log_prob(torch.tensor(0.0)) == 0
+    )

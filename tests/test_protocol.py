@@ -4,10 +4,11 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from probvq.inference import RR, SQ, VQ, TemperatureSchedule, elbo_terms, run_traces
+from probvq.inference import RR, SQ, VQ, FamilyStack, TemperatureSchedule, elbo_terms, fit, run_traces
 from torch import nn
 
 from probvq import DATA_PLATE, BinaryUnits, Codebook, CodeSite, code
+from probvq.config import RunConfig
 
 
 class TwoLevel(nn.Module):
@@ -153,3 +154,24 @@ def test_temperature_schedule_decays_exponentially_to_its_floor():
     assert family.temperature == pytest.approx(schedule(100))
     with family.exact():
         assert family.relaxation() is None
+
+
+def test_a_family_stack_trains_and_evaluates_as_one_family(two_level):
+    stack = FamilyStack(
+        SQ(two_level.code_sites, claims=["top"]), RR(two_level.code_sites, claims=["bottom"])
+    )
+    assert stack.name == "sq+rr"
+    with stack.exact():
+        assert all(family.is_exact for family in stack.families)
+    assert not any(family.is_exact for family in stack.families)
+    x = torch.bernoulli(torch.full((64, 8), 0.3))
+    config = RunConfig(max_steps=6, eval_every=3, batch_size=16, valid_size=32, quiet=True)
+    history = fit(two_level, stack, x, x, config).history
+    assert [record["step"] for record in history] == [3, 6]
+    assert set(history[-1]["valid"]["rate"]) == {"top", "top.deq", "bottom"}
+    assert int(stack.families[0].steps) == 6 and int(stack.families[1].steps) == 6
+
+
+def test_a_family_stack_refuses_overlapping_claims(two_level):
+    with pytest.raises(ValueError, match="claimed twice"):
+        FamilyStack(SQ(two_level.code_sites), RR(two_level.code_sites, claims=["bottom"]))

@@ -24,10 +24,10 @@ def peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure(method: str, codes: int, dim: int, rows: int) -> dict:
+def measure(method: str, codes: int, dim: int, rows: int, seed: int) -> dict:
     from probvq import Codebook
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     book = Codebook(codes, dim, init="normal")
     z = torch.randn(rows, dim)
     base = peak_mib()
@@ -52,16 +52,18 @@ def main() -> None:
     parser.add_argument("--codes", type=int, default=65_536)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--rows", type=int, default=16_384)
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results/codebook.json")
     parser.add_argument("--child", choices=("chunked", "full"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args.child, args.codes, args.dim, args.rows)))
+        print(json.dumps(measure(args.child, args.codes, args.dim, args.rows, args.seed)))
         return
     runs = {}
     for method in ("chunked", "full"):
         command = [sys.executable, __file__, "--child", method]
         command += ["--codes", str(args.codes), "--dim", str(args.dim), "--rows", str(args.rows)]
+        command += ["--seed", str(args.seed)]
         out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         runs[method] = json.loads(out)
     if runs["chunked"]["checksum"] != runs["full"]["checksum"]:

@@ -16,9 +16,12 @@ from probvq.config import RunConfig
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     for family in ("vq", "sq", "rr"):
-        config = RunConfig(family=family, max_steps=args.steps, eval_every=args.steps, quiet=True)
+        config = RunConfig(
+            family=family, max_steps=args.steps, eval_every=args.steps, seed=args.seed, quiet=True
+        )
         data = load_data(config)  # the built-in synthetic dataset
         config = resolve(config, data)
         pyro.set_rng_seed(config.seed)

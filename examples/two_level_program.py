@@ -60,13 +60,16 @@ class TwoLevel(nn.Module):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    pyro.set_rng_seed(0)
+    pyro.set_rng_seed(args.seed)
     data = synthetic(n_train=3000, n_valid=300)
     train_x, valid_x = data.train.float(), data.valid.float()
     vae = TwoLevel()
     families = FamilyStack(SQ(vae.code_sites, claims=["top"]), RR(vae.code_sites, claims=["bottom"]))
-    config = RunConfig(max_steps=args.steps, eval_every=max(1, args.steps // 5), quiet=True)
+    config = RunConfig(
+        max_steps=args.steps, eval_every=max(1, args.steps // 5), seed=args.seed, quiet=True
+    )
     for record in fit(vae, families, train_x, valid_x, config).history:
         valid = record["valid"]
         rates = {name: round(rate["mean"], 2) for name, rate in valid["rate"].items()}

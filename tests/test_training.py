@@ -111,3 +111,17 @@ def test_training_on_empty_data_is_refused():
         fit(vae, family, train_x[:0], valid_x, config)
     with pytest.raises(ValueError, match="empty"):
         evaluate(vae, family, valid_x[:0])
+
+
+@pytest.mark.parametrize("grid", [8, 4])
+def test_rgb_images_train_with_the_discretised_logistic(grid):
+    config, vae, family, train_x, valid_x = setup(
+        "sq", dataset="synthetic-rgb", grid=grid, max_steps=40, eval_every=40, train_limit=400
+    )
+    assert config.likelihood == "logistic" and train_x.shape[1:] == (3, 32, 32)
+    assert float(train_x.min()) >= -1.0 and float(train_x.max()) <= 1.0
+    before = evaluate(vae, family, valid_x[:100])
+    after = fit(vae, family, train_x, valid_x[:100], config).history[-1]["valid"]
+    assert after["exact_bits_per_dim"] < before["exact_bits_per_dim"] - 0.5
+    bits = -after["exact_elbo"]["mean"] / (3 * 32 * 32 * math.log(2))
+    assert after["exact_bits_per_dim"] == pytest.approx(bits)

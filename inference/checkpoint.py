@@ -1,14 +1,16 @@
 """Run directories and checkpoints.
 
-A run directory holds ``config.json``, ``metrics.jsonl`` (one JSON object per evaluation),
-``best.pt`` and ``final.pt`` (checkpoints) and ``summary.json``. Every file is written to a temporary
-name and renamed into place, so an interrupted run never leaves a half-written file, and a run
-refuses a directory that already holds one. Checkpoints hold only tensors and plain Python values
-and load with ``torch.load(..., weights_only=True)``.
+A run directory holds ``config.json``, ``metrics.jsonl`` (one JSON object per evaluation, appended
+a line at a time), ``best.pt`` and ``final.pt`` (checkpoints) and ``summary.json``. Config, summary
+and checkpoints are written to a temporary name and renamed into place, so an interrupted run never
+leaves one half-written, and a run refuses a directory that already holds files. Checkpoints hold
+only tensors and plain Python values, load with ``torch.load(..., weights_only=True)`` onto the
+CPU, and carry a SHA-256 digest of their contents that loading verifies.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -22,6 +24,12 @@ import torch
 FORMAT = "probvq-checkpoint-1"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: Path, write) -> None:
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -29,6 +37,7 @@ def _atomic_write(path: Path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -41,24 +50,53 @@ def write_json(path: str | Path, value: Any) -> None:
     _atomic_write(Path(path), lambda f: f.write(text.encode()))
 
 
+def digest(value: Any) -> str:
+    """SHA-256 over a nest of dicts, lists, tensors and plain values (keys in sorted order)."""
+    hasher = hashlib.sha256()
+
+    def feed(item: Any) -> None:
+        if isinstance(item, dict):
+            for key in sorted(item, key=repr):
+                hasher.update(repr(key).encode())
+                feed(item[key])
+        elif isinstance(item, list | tuple):
+            hasher.update(f"[{len(item)}".encode())
+            for element in item:
+                feed(element)
+        elif isinstance(item, torch.Tensor):
+            tensor = item.detach().cpu()
+            hasher.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+            hasher.update(tensor.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+        else:
+            hasher.update(repr(item).encode())
+
+    feed(value)
+    return hasher.hexdigest()
+
+
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Save a checkpoint (a dict of state dicts and plain values) atomically."""
-    _atomic_write(Path(path), lambda f: torch.save({"format": FORMAT, **state}, f))
+    """Save a checkpoint (a dict of state dicts and plain values) atomically, with its digest."""
+    payload = {"format": FORMAT, **state}
+    payload["digest"] = digest(payload)
+    _atomic_write(Path(path), lambda f: torch.save(payload, f))
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint safely (``weights_only=True``); clear errors for missing or bad files."""
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint safely onto the CPU; clear errors for missing, bad or altered files."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint: no such file: {path}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
         # torch's message advises weights_only=False; keep only its first line.
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"checkpoint: {path} is corrupted or not a checkpoint ({reason})") from err
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"checkpoint: {path} is not a probvq checkpoint ({FORMAT})")
+    stored = state.pop("digest", None)
+    if stored != digest(state):
+        raise ValueError(f"checkpoint: {path} is corrupted (its contents do not match its digest)")
     return state
 
 
@@ -68,12 +106,18 @@ class RunDir:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
 
-    @classmethod
-    def create(cls, path: str | Path, config: dict[str, Any]) -> RunDir:
-        """Make a new run directory; refuse one that already holds files."""
+    @staticmethod
+    def check_new(path: str | Path) -> None:
+        """Refuse a path that already holds files (so no earlier run is ever overwritten)."""
         path = Path(path)
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise ValueError(f"--out: {path} already exists and is not empty; choose a new directory")
+
+    @classmethod
+    def create(cls, path: str | Path, config: dict[str, Any]) -> RunDir:
+        """Make a new run directory; refuse one that already holds files."""
+        cls.check_new(path)
+        path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         run = cls(path)
         write_json(run.path / "config.json", config)
@@ -101,5 +145,14 @@ class RunDir:
             f.write(json.dumps(record, sort_keys=True) + "\n")
 
     def read_log(self) -> list[dict[str, Any]]:
+        """The logged records; a last line torn by an interrupted run is left out."""
         path = self.path / "metrics.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        lines = path.read_text().splitlines() if path.exists() else []
+        records = []
+        for number, line in enumerate(lines, 1):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                if number < len(lines):
+                    raise ValueError(f"{path}: line {number} is not JSON ({err})") from err
+        return records

@@ -30,11 +30,27 @@ from .family import FamilyStack, GuideFamily
 from .terms import code_indices, elbo_terms, observed_dims, reconstruction_error, run_traces
 
 
-def mean_and_se(values: Tensor) -> dict[str, float]:
-    """Mean and its standard error over examples."""
+def mean_and_se(values: Tensor) -> dict[str, float | None]:
+    """Mean and its standard error over examples (``None`` from a single example)."""
     values = values.double()
-    se = values.std(unbiased=True) / math.sqrt(values.numel()) if values.numel() > 1 else math.nan
-    return {"mean": float(values.mean()), "se": float(se)}
+    if values.numel() < 2:
+        return {"mean": float(values.mean()), "se": None}
+    return {"mean": float(values.mean()), "se": float(values.std() / math.sqrt(values.numel()))}
+
+
+def check_inputs(vae: DiscreteVAE, x: Tensor, name: str = "x") -> None:
+    """Refuse empty, non-float or non-finite data, then ask the model (``check_data``) if it can."""
+    if not isinstance(x, Tensor) or x.dim() == 0 or x.shape[0] == 0:
+        raise ValueError(f"{name}: expected a non-empty batch of data")
+    if not x.is_floating_point():
+        raise ValueError(
+            f"{name}: expected prepared float data (the likelihood's prepare), got {x.dtype}"
+        )
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name}: the data contains NaN or infinite values")
+    check = getattr(vae, "check_data", None)
+    if check is not None:
+        check(x, name)
 
 
 def _devices(device: torch.device) -> list[int]:
@@ -61,8 +77,7 @@ def evaluate(
     forked RNG, so evaluating never changes the caller's random stream. All figures are in nats
     per example unless named otherwise. ``progress`` shows a bar over batches.
     """
-    if x.shape[0] == 0:
-        raise ValueError("x: cannot evaluate on an empty dataset")
+    check_inputs(vae, x)
     if batch_size < 1:
         raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
     modules = [m for m in (vae, family) if isinstance(m, nn.Module)]

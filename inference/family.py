@@ -61,6 +61,11 @@ class FamilyMessenger(Messenger):
     def _pyro_code(self, msg: dict) -> None:
         request: CodeRequest = msg["args"][0]
         if not self.family.handles(request.site):
+            if request.site.name in self.family.sites:
+                raise ValueError(
+                    f"site {request.site.name!r}: this {self.family.name!r} family was built for "
+                    "another model's site of that name; build the family from this model's sites"
+                )
             return
         msg["value"] = self.family.answer(request)
         msg["done"] = True

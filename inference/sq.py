@@ -13,8 +13,10 @@ shrinks, q sharpens towards hard VQ.
 
 As in the authors' implementation, the categorical is evaluated at the dequantisation mean
 (``z~ = zhat``) rather than at a sampled ``z~``. The guide then factorises,
-``q(z, z~ | x) = q(z | x) q(z~ | x)``, which makes the analytic terms exact and keeps the objective a
-true ELBO (``TraceMeanField_ELBO``'s mean-field condition holds).
+``q(z, z~ | x) = q(z | x) q(z~ | x)``, so with hard codes (``family.exact()``) the analytic terms
+are exact and the objective is a true ELBO (``TraceMeanField_ELBO``'s mean-field condition holds).
+In training the Gaussian term is taken at the relaxed value ``sum_k w_k e_k``, which by Jensen's
+inequality is smaller than its expectation over hard codes: part of the surrogate gap.
 """
 
 from __future__ import annotations

@@ -41,14 +41,17 @@ def run_traces(model: Callable, guide: Callable, *args, **kwargs) -> tuple[Trace
 
 
 def per_example(value: Tensor, site: dict) -> Tensor:
-    """Sum a site's batch-shaped term over every dimension but the data plate's."""
+    """Sum a site's batch-shaped term over every dimension but the data plate's.
+
+    The site's scale is not applied: a per-example term is the unscaled log-density (a subsampled
+    plate's scale ``N / B`` belongs to the total, not to each example).
+    """
     frames = [f for f in site["cond_indep_stack"] if f.name == DATA_PLATE]
     if not frames:
         raise ValueError(
             f"site {site['name']!r} lies outside the {DATA_PLATE!r} plate, so it has no "
             "per-example value"
         )
-    value = value * site["scale"]
     keep = value.dim() + frames[0].dim
     others = tuple(d for d in range(value.dim()) if d != keep)
     return value.sum(others) if others else value
@@ -114,7 +117,7 @@ def observed_dims(model_trace: Trace) -> int:
     """Number of observed values per data point (the denominator of bits/dim)."""
     total = 0
     for site in model_trace.nodes.values():
-        if site["type"] == "sample" and site["is_observed"] and not site["infer"].get(REGULARISER):
+        if site["type"] == "sample" and site["is_observed"]:
             total += site["fn"].event_shape.numel()
     return total
 

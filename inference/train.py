@@ -25,7 +25,7 @@ from probvq.config import RunConfig
 from probvq.sites import DiscreteVAE
 
 from .checkpoint import RunDir, save_checkpoint
-from .evaluate import evaluate
+from .evaluate import check_inputs, evaluate
 from .family import FamilyStack, GuideFamily
 
 
@@ -34,6 +34,12 @@ class TrainResult:
     steps: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] | None = None
+
+
+def _better(metrics: dict[str, Any], than: dict[str, Any]) -> bool:
+    """A higher exact ELBO; NaN never wins."""
+    new, old = metrics["exact_elbo"]["mean"], than["exact_elbo"]["mean"]
+    return new > old or (math.isnan(old) and not math.isnan(new))
 
 
 def _minibatches(n: int, batch_size: int, generator: torch.Generator):
@@ -56,10 +62,10 @@ def fit(
     ``config`` supplies ``epochs``, ``max_steps``, ``batch_size``, ``lr``, ``clip_norm``,
     ``eval_every``, ``valid_size``, ``seed``, ``device`` and ``quiet``.
     """
-    if train_x.shape[0] == 0 or valid_x.shape[0] == 0:
-        raise ValueError("data: training needs non-empty train and validation sets")
     if not isinstance(vae, nn.Module):
         raise TypeError(f"vae: expected an nn.Module with model/guide, got {type(vae).__name__}")
+    check_inputs(vae, train_x, "train_x")
+    check_inputs(vae, valid_x, "valid_x")
     device = torch.device(config.device)
     vae.to(device)
     family.to(device)
@@ -77,7 +83,6 @@ def fit(
     loss_fn = family.elbo(max_plate_nesting=1).differentiable_loss
     model, guide = family.wrap(vae.model), family.wrap(vae.guide)
     result = TrainResult()
-    best_elbo = -math.inf
     window: list[float] = []
     started = time.perf_counter()
     bar = tqdm(
@@ -118,25 +123,23 @@ def fit(
         window = []
         result.history.append(record)
         bar.set_postfix(loss=f"{record['loss']:.2f}", exact=f"{metrics['exact_elbo']['mean']:.2f}")
-        if run is None:
-            continue
-        run.log(record)
-        state = {
-            "model": vae.state_dict(),
-            "family": family.state_dict(),
-            "optimizer": optimiser.state_dict(),
-            "step": step,
-            "config": config.to_dict(),
-            "metrics": record,
-        }
-        if metrics["exact_elbo"]["mean"] > best_elbo:
-            best_elbo = metrics["exact_elbo"]["mean"]
+        improved = result.best is None or _better(metrics, result.best["valid"])
+        if improved:
             result.best = record
-            save_checkpoint(run.checkpoint("best"), state)
-        if step == total:
-            save_checkpoint(run.checkpoint("final"), state)
+        if run is not None:
+            run.log(record)
+            state = {
+                "model": vae.state_dict(),
+                "family": family.state_dict(),
+                "optimizer": optimiser.state_dict(),
+                "step": step,
+                "config": config.to_dict(),
+                "metrics": record,
+            }
+            if improved:
+                save_checkpoint(run.checkpoint("best"), state)
+            if step == total:
+                save_checkpoint(run.checkpoint("final"), state)
     bar.close()
     result.steps = total
-    if result.best is None:
-        result.best = max(result.history, key=lambda r: r["valid"]["exact_elbo"]["mean"])
     return result

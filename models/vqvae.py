@@ -57,6 +57,7 @@ class VQVAE(nn.Module):
         if prior not in PRIORS:
             raise ValueError(f"prior: expected one of {PRIORS}, got {prior!r}")
         self.likelihood = likelihood
+        self.image_shape = (channels, side, width)
         out_channels = channels * likelihood.channels_per_input
         self.encoder = conv_encoder(channels, hidden, code_dim, side, grid, res_blocks)
         self.decoder = conv_decoder(code_dim, hidden, out_channels, side, grid, res_blocks)
@@ -69,6 +70,14 @@ class VQVAE(nn.Module):
     @property
     def code_sites(self) -> list[CodeSite]:
         return [self.z]
+
+    def check_data(self, x: Tensor, name: str = "x") -> None:
+        """Refuse data that is not a batch of prepared images of this model's shape."""
+        if tuple(x.shape[1:]) != self.image_shape:
+            raise ValueError(
+                f"{name}: expected images of shape {self.image_shape}, got {tuple(x.shape)}"
+            )
+        self.likelihood.check_prepared(x, name)
 
     def prior(self, batch_size: int) -> Tensor:
         if self.prior_logits is None:

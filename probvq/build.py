@@ -10,11 +10,13 @@ from dataclasses import replace
 
 from torch import nn
 
+from probvq.codebook import INITIALISERS
 from probvq.config import RunConfig
 from probvq.data import SYNTHETIC, Dataset, load, synthetic
 from probvq.inference import FAMILIES, GuideFamily, TemperatureSchedule
-from probvq.likelihoods import LIKELIHOODS, make_likelihood
+from probvq.likelihoods import LIKELIHOODS, likelihood_for, make_likelihood
 from probvq.models import VQVAE
+from probvq.models.vqvae import PRIORS
 
 MODELS = {"vqvae": VQVAE}
 
@@ -24,30 +26,38 @@ as in Takida et al.'s code: codes fitted to the tiny initial encoder outputs lea
 far below ``2 s^2``, q starts uniform and the dequantisation term keeps it there."""
 
 
+def check_names(config: RunConfig) -> None:
+    """Refuse unknown model, family, likelihood, prior and initialiser names (no data needed)."""
+    choices = {
+        "model": sorted(MODELS),
+        "family": sorted(FAMILIES),
+        "likelihood": ["auto", *sorted(LIKELIHOODS)],
+        "prior": list(PRIORS),
+        "codebook_init": ["auto", *INITIALISERS],
+    }
+    for name, allowed in choices.items():
+        if getattr(config, name) not in allowed:
+            raise ValueError(f"{name}: expected one of {allowed}, got {getattr(config, name)!r}")
+    if config.data is None and config.dataset not in SYNTHETIC:
+        raise ValueError(
+            f"dataset: expected one of {SYNTHETIC} (or give --data PATH), got {config.dataset!r}"
+        )
+
+
 def resolve(config: RunConfig, dataset: Dataset) -> RunConfig:
     """Check the names in ``config`` and fill in its ``auto`` choices for ``dataset``."""
-    if config.model not in MODELS:
-        raise ValueError(f"model: expected one of {sorted(MODELS)}, got {config.model!r}")
-    if config.family not in FAMILIES:
-        raise ValueError(f"family: expected one of {sorted(FAMILIES)}, got {config.family!r}")
+    check_names(config)
     if config.codebook_init == "auto":
         config = replace(config, codebook_init=DEFAULT_CODEBOOK_INIT[config.family])
     if config.likelihood == "auto":
-        by_kind = {kind: name for name, kind in LIKELIHOODS.items()}
-        config = replace(config, likelihood=by_kind[dataset.kind])
+        config = replace(config, likelihood=likelihood_for(dataset.kind))
     return config
 
 
 def load_data(config: RunConfig) -> Dataset:
     """The run's dataset: ``--data PATH`` if given, else the named built-in dataset."""
-    if config.data is not None:
-        dataset = load(config.data)
-    elif config.dataset in SYNTHETIC:
-        dataset = synthetic(config.dataset)
-    else:
-        raise ValueError(
-            f"dataset: expected one of {SYNTHETIC} (or give --data PATH), got {config.dataset!r}"
-        )
+    check_names(config)
+    dataset = load(config.data) if config.data is not None else synthetic(config.dataset)
     if config.train_limit is not None:
         dataset = replace(dataset, train=dataset.train[: config.train_limit])
     return dataset

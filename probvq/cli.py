@@ -18,7 +18,7 @@ from pathlib import Path
 import pyro
 import torch
 
-from probvq.build import build, load_data, resolve
+from probvq.build import build, check_names, load_data, resolve
 from probvq.config import RunConfig, read_config_file
 from probvq.inference import RunDir, evaluate, fit, load_checkpoint
 from probvq.inference.checkpoint import write_json
@@ -47,7 +47,7 @@ HELP = {
     "dataset": "built-in dataset when --data is not given: synthetic or synthetic-rgb",
     "train_limit": "use only the first N training examples",
     "epochs": "passes over the training data",
-    "max_steps": "stop after this many steps",
+    "max_steps": "stop after this many steps (or after --epochs, whichever comes first)",
     "batch_size": "examples per step",
     "lr": "Adam learning rate",
     "clip_norm": "global gradient-norm clip",
@@ -99,13 +99,14 @@ def _check_device(device: str) -> None:
 
 def train_command(args: argparse.Namespace) -> int:
     config = config_from_args(args)
+    check_names(config)
     _check_device(config.device)
+    out = config.out or f"runs/{config.model}-{config.family}-{time.strftime('%Y%m%d-%H%M%S')}"
+    RunDir.check_new(out)
     dataset = load_data(config)
-    config = resolve(config, dataset)
+    config = replace(resolve(config, dataset), out=str(out))
     pyro.set_rng_seed(config.seed)
     vae, family = build(config, dataset)
-    out = config.out or f"runs/{config.model}-{config.family}-{time.strftime('%Y%m%d-%H%M%S')}"
-    config = replace(config, out=str(out))
     run = RunDir.create(out, config.to_dict())
     prepare = vae.likelihood.prepare
     result = fit(vae, family, prepare(dataset.train), prepare(dataset.valid), config, run)
@@ -130,7 +131,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
         config = replace(config, data=args.data)
     dataset = load_data(config)
     vae, family = build(config, dataset)
-    state = load_checkpoint(run.checkpoint(args.checkpoint), map_location=device)
+    state = load_checkpoint(run.checkpoint(args.checkpoint))
     try:
         vae.load_state_dict(state["model"])
         family.load_state_dict(state["family"])

@@ -87,6 +87,13 @@ class Codebook(CodeSpace):
         self._memo: dict[int, tuple[weakref.ref, Tensor]] = {}
         self._pending: tuple[Tensor, Tensor, Tensor] | None = None
 
+    def __getstate__(self) -> dict:
+        # The memo holds weak references and the pending statistics belong to an unfinished step;
+        # neither is part of the codebook's state.
+        state = self.__dict__.copy()
+        state["_memo"], state["_pending"] = {}, None
+        return state
+
     def extra_repr(self) -> str:
         return f"K={self.num_codes}, D={self.dim}, init={self.init!r}"
 

@@ -18,13 +18,16 @@ How ``rsample`` reparameterises is the family's choice, passed as a rule:
   (Jang et al. 2017; Maddison et al. 2017), ``v = sum_k w_k e_k``; with ``hard`` the forward value
   is the hard code and the gradient that of ``w``.
 
-Either way the code a relaxed value stands for is ``argmax_k (l_k + g_k)``, an exact draw from the
-categorical (the Gumbel-max trick), and that is the code ``log_prob`` scores.
+Either way the code behind a relaxed value is ``argmax_k (l_k + g_k)``, an exact draw from the
+categorical (the Gumbel-max trick). The space remembers it for the value tensor it drew (by
+identity, weakly), so ``log_prob`` of that tensor scores the drawn code; any other value, including
+a copy of a relaxed one, stands for its nearest codebook row.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import math
+from dataclasses import dataclass
 
 import torch
 from pyro.distributions import TorchDistribution
@@ -34,17 +37,23 @@ from torch.distributions import constraints, register_kl
 from probvq.spaces import CodeSpace
 
 
-class StraightThrough(NamedTuple):
+@dataclass(frozen=True)
+class StraightThrough:
     """Reparameterise as ``anchor + sg(e_k - anchor)``; ``anchor`` has the value's shape."""
 
     anchor: Tensor
 
 
-class Concrete(NamedTuple):
+@dataclass(frozen=True)
+class Concrete:
     """Reparameterise with Gumbel-softmax weights at ``temperature``; ``hard`` for ST-Gumbel."""
 
     temperature: float
     hard: bool = False
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.temperature) or self.temperature <= 0:
+            raise ValueError(f"temperature: must be a positive number, got {self.temperature!r}")
 
 
 ReparamRule = StraightThrough | Concrete
@@ -160,7 +169,7 @@ class CodeCategorical(TorchDistribution):
 
     def entropy(self) -> Tensor:
         log_probs = self.log_probs
-        return -(log_probs.exp() * log_probs).sum(-1)
+        return -_expectation(log_probs.exp(), log_probs)
 
 
 class CodePoint(TorchDistribution):
@@ -225,6 +234,15 @@ class CodePoint(TorchDistribution):
         return torch.zeros(self.batch_shape, device=self.index.device)
 
 
+def _expectation(probs: Tensor, values: Tensor) -> Tensor:
+    """``sum_k p_k v_k`` with ``0 * v = 0`` even for infinite ``v`` (``0 log 0 = 0``).
+
+    The mask is applied to ``v`` before the product, so neither the value nor its gradient meets
+    ``0 * inf``.
+    """
+    return (probs * torch.where(probs > 0, values, torch.zeros_like(values))).sum(-1)
+
+
 def _check_same_space(q: CodeCategorical | CodePoint, p: CodeCategorical) -> None:
     if q.space.num_codes != p.space.num_codes:
         raise ValueError(
@@ -234,12 +252,10 @@ def _check_same_space(q: CodeCategorical | CodePoint, p: CodeCategorical) -> Non
 
 @register_kl(CodeCategorical, CodeCategorical)
 def _kl_categorical_categorical(q: CodeCategorical, p: CodeCategorical) -> Tensor:
-    """``sum_k q_k (log q_k - log p_k)``, with ``0 log 0 = 0``."""
+    """``sum_k q_k (log q_k - log p_k)``; codes q rules out contribute nothing."""
     _check_same_space(q, p)
     log_q = q.log_probs
-    probs = log_q.exp()
-    log_q = torch.where(probs > 0, log_q, torch.zeros_like(log_q))
-    return (probs * (log_q - p.log_probs)).sum(-1)
+    return _expectation(log_q.exp(), log_q - p.log_probs)
 
 
 @register_kl(CodePoint, CodeCategorical)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import math
 import tomllib
+import types
+import typing
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -42,7 +44,7 @@ class RunConfig:
     train_limit: int | None = None
     # training
     epochs: int = 5
-    max_steps: int | None = None
+    max_steps: int | None = None  # training stops at max_steps or after epochs, whichever first
     batch_size: int = 64
     lr: float = 1e-3
     clip_norm: float = 10.0
@@ -54,27 +56,44 @@ class RunConfig:
     quiet: bool = False
 
     def __post_init__(self) -> None:
+        self._check_types()
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed: expected an integer in [0, 2**32), got {self.seed}")
         positive = ("num_codes", "code_dim", "grid", "hidden", "epochs", "batch_size", "valid_size")
         for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
         if self.num_codes < 2:
             raise ValueError(f"num_codes: a codebook needs K >= 2 codes, got {self.num_codes}")
+        if self.res_blocks < 0:
+            raise ValueError(f"res_blocks: expected a non-negative integer, got {self.res_blocks}")
         for name in ("max_steps", "eval_every", "train_limit"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name}: expected a positive integer or nothing, got {value!r}")
+            if value is not None and value < 1:
+                raise ValueError(f"{name}: expected a positive integer or nothing, got {value}")
         for name in ("lr", "clip_norm", "temperature", "temperature_min", "init_var"):
             value = getattr(self, name)
-            if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+            if not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name}: expected a positive number, got {value!r}")
         for name in ("beta", "anneal_rate", "restart_threshold"):
             value = getattr(self, name)
-            if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+            if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name}: expected a non-negative number, got {value!r}")
         if not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay: must lie in (0, 1), got {self.ema_decay!r}")
+
+    def _check_types(self) -> None:
+        for name, hint in typing.get_type_hints(type(self)).items():
+            value = getattr(self, name)
+            allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+            if value is None and type(None) in allowed:
+                continue
+            kind = next(t for t in allowed if t is not type(None))
+            ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                ok = True
+            if not ok:
+                raise ValueError(f"{name}: expected {kind.__name__}, got {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -19,6 +19,9 @@ import gzip
 import io
 import pickle
 import struct
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +49,19 @@ class Dataset:
 # -- readers -----------------------------------------------------------------------------------
 
 
+@contextmanager
+def _readable(path: Path, what: str) -> Iterator[None]:
+    """Turn any failure to parse ``path`` into a ``ValueError`` that names the file."""
+    try:
+        yield
+    except ValueError as err:
+        if str(path) in str(err):
+            raise
+        raise ValueError(f"{path}: not {what} ({err})") from err
+    except (OSError, EOFError, struct.error, zipfile.BadZipFile, pickle.UnpicklingError) as err:
+        raise ValueError(f"{path}: not {what} ({type(err).__name__}: {err})") from err
+
+
 def _open(path: Path) -> io.BufferedIOBase:
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
@@ -53,7 +69,8 @@ def _open(path: Path) -> io.BufferedIOBase:
 def read_amat(path: str | Path) -> np.ndarray:
     """Rows of whitespace-separated numbers, as in Larochelle's ``binarized_mnist_*.amat``."""
     path = _existing(path)
-    rows = np.loadtxt(path, dtype=np.float32, ndmin=2)
+    with _readable(path, "an .amat text file"):
+        rows = np.loadtxt(path, dtype=np.float32, ndmin=2)
     if rows.size == 0:
         raise ValueError(f"{path}: the .amat file holds no rows")
     return rows.astype(np.uint8) if np.all((rows == 0) | (rows == 1)) else rows
@@ -63,7 +80,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     """An idx file (MNIST), gzipped or raw: big-endian header, then the array."""
     path = _existing(path)
     dtypes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-    with _open(path) as f:
+    with _readable(path, "an idx file"), _open(path) as f:
         header = f.read(4)
         if len(header) != 4 or header[:2] != b"\x00\x00" or header[2] not in dtypes:
             raise ValueError(f"{path}: not an idx file (bad magic number)")
@@ -95,11 +112,8 @@ class _ArrayUnpickler(pickle.Unpickler):
 def read_cifar_batch(path: str | Path) -> np.ndarray:
     """A CIFAR-10 python batch: a pickled dict whose ``data`` is ``(n, 3072)`` uint8, channel-first."""
     path = _existing(path)
-    try:
-        with _open(path) as f:
-            batch = _ArrayUnpickler(f, encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError) as err:
-        raise ValueError(f"{path}: not a readable CIFAR-10 python batch ({err})") from err
+    with _readable(path, "a CIFAR-10 python batch"), _open(path) as f:
+        batch = _ArrayUnpickler(f, encoding="bytes").load()
     data = batch.get(b"data", batch.get("data")) if isinstance(batch, dict) else None
     if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3072:
         raise ValueError(f"{path}: a CIFAR-10 batch needs a 'data' array of shape (n, 3072)")
@@ -109,13 +123,12 @@ def read_cifar_batch(path: str | Path) -> np.ndarray:
 def read_array(path: str | Path) -> np.ndarray | dict[str, np.ndarray]:
     """``.npy`` gives its array; ``.npz`` gives its arrays by key (pickled objects refused)."""
     path = _existing(path)
-    try:
-        if path.suffix == ".npy":
-            return np.load(path, allow_pickle=False)
-        with np.load(path, allow_pickle=False) as archive:
+    with _readable(path, "a numpy .npy/.npz file"):
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            return loaded
+        with loaded as archive:
             return {key: archive[key] for key in archive.files}
-    except (ValueError, OSError) as err:
-        raise ValueError(f"{path}: not a readable numpy array file ({err})") from err
 
 
 # -- shaping and checking ------------------------------------------------------------------------
@@ -157,6 +170,9 @@ def to_images(array: np.ndarray, name: str) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(a))
 
 
+KINDS = ("binary", "8bit", "real")
+
+
 def data_kind(x: Tensor) -> str:
     """``binary`` (only 0/1), ``8bit`` (integers 0..255) or ``real``."""
     if ((x == 0) | (x == 1)).all():
@@ -167,12 +183,16 @@ def data_kind(x: Tensor) -> str:
     return "real"
 
 
-def _normalise(x: Tensor, kind: str) -> Tensor:
+def _as_kind(x: Tensor, kind: str) -> Tensor:
+    """Store binary and 8-bit data as uint8 (a lossless cast for these kinds), real data as float."""
     return x.to(torch.uint8) if kind in ("binary", "8bit") else x.float()
 
 
 def make_dataset(name: str, train: np.ndarray, valid: np.ndarray | None) -> Dataset:
-    """Shape, check and split raw arrays; without ``valid`` the last tenth of ``train`` is held out."""
+    """Shape, check and split raw arrays; without ``valid`` the last tenth of ``train`` is held out.
+
+    The kind is the most general of the two splits' kinds, decided on every value.
+    """
     train_t = to_images(train, f"{name} (train)")
     if valid is None:
         if train_t.shape[0] < 2:
@@ -186,10 +206,8 @@ def make_dataset(name: str, train: np.ndarray, valid: np.ndarray | None) -> Data
                 f"{name}: train images {tuple(train_t.shape[1:])} and valid images "
                 f"{tuple(valid_t.shape[1:])} differ in shape"
             )
-    kind = data_kind(torch.cat([train_t.flatten()[:1_000_000], valid_t.flatten()[:1_000_000]]))
-    if kind != "real" and data_kind(train_t) != kind:
-        kind = data_kind(train_t)
-    return Dataset(name, _normalise(train_t, kind), _normalise(valid_t, kind), kind)
+    kind = max(data_kind(train_t), data_kind(valid_t), key=KINDS.index)
+    return Dataset(name, _as_kind(train_t, kind), _as_kind(valid_t, kind), kind)
 
 
 # -- files and directories -----------------------------------------------------------------------

@@ -37,7 +37,6 @@ def _image(pixels: TorchDistribution) -> TorchDistribution:
 class Likelihood(nn.Module):
     """Abstract base of observation models."""
 
-    data_kind: str
     channels_per_input: int = 1
 
     def check(self, x: Tensor, name: str = "data") -> None:
@@ -48,14 +47,18 @@ class Likelihood(nn.Module):
         """Raw data to the float tensor the model conditions on."""
         raise NotImplementedError
 
+    def check_prepared(self, x: Tensor, name: str = "x") -> None:
+        """Raise ``ValueError`` naming ``name`` if ``x`` is not prepared data of this likelihood."""
+        if not x.is_floating_point():
+            raise ValueError(f"{name}: expected prepared float data, got dtype {x.dtype}")
+        _check_finite_nonempty(x, name)
+
     def forward(self, out: Tensor) -> TorchDistribution:
         raise NotImplementedError
 
 
 class Bernoulli(Likelihood):
     """``x_i ~ Bernoulli(sigmoid(out_i))`` for binary pixels."""
-
-    data_kind = "binary"
 
     def check(self, x: Tensor, name: str = "data") -> None:
         _check_finite_nonempty(x, name)
@@ -68,6 +71,10 @@ class Bernoulli(Likelihood):
 
     def prepare(self, x: Tensor) -> Tensor:
         return x.float()
+
+    def check_prepared(self, x: Tensor, name: str = "x") -> None:
+        super().check_prepared(x, name)
+        self.check(x, name)
 
     def forward(self, out: Tensor) -> TorchDistribution:
         return _image(dist.Bernoulli(logits=out, validate_args=False))
@@ -129,7 +136,6 @@ class DiscretisedLogisticDistribution(TorchDistribution):
 class DiscretisedLogistic(Likelihood):
     """8-bit pixels (0..255) mapped to ``[-1, 1]``, with a per-pixel discretised logistic."""
 
-    data_kind = "8bit"
     channels_per_input = 2
 
     def check(self, x: Tensor, name: str = "data") -> None:
@@ -144,6 +150,11 @@ class DiscretisedLogistic(Likelihood):
     def prepare(self, x: Tensor) -> Tensor:
         return x.float() / 127.5 - 1.0
 
+    def check_prepared(self, x: Tensor, name: str = "x") -> None:
+        super().check_prepared(x, name)
+        if float(x.min()) < -1.0 or float(x.max()) > 1.0:
+            raise ValueError(f"{name}: prepared 8-bit data must lie in [-1, 1] (see prepare)")
+
     def forward(self, out: Tensor) -> TorchDistribution:
         loc, log_scale = out.chunk(2, dim=1)
         scale = log_scale.clamp_min(-7.0)
@@ -152,8 +163,6 @@ class DiscretisedLogistic(Likelihood):
 
 class Gaussian(Likelihood):
     """``x ~ N(out, sigma_c^2)`` with a learned log-variance per channel, for real-valued data."""
-
-    data_kind = "real"
 
     def __init__(self, channels: int, init_log_var: float = 0.0) -> None:
         super().__init__()
@@ -171,14 +180,21 @@ class Gaussian(Likelihood):
 
 
 LIKELIHOODS = {"bernoulli": "binary", "logistic": "8bit", "gaussian": "real"}
+"""Likelihood names and the data kind each one models."""
+
+
+def likelihood_for(data_kind: str) -> str:
+    """The likelihood name that models ``data_kind`` data."""
+    for name, kind in LIKELIHOODS.items():
+        if kind == data_kind:
+            return name
+    raise ValueError(f"data_kind: expected one of {sorted(LIKELIHOODS.values())}, got {data_kind!r}")
 
 
 def make_likelihood(name: str, data_kind: str, channels: int) -> Likelihood:
     """Build a likelihood by name; ``"auto"`` picks the one matching ``data_kind``."""
     if name == "auto":
-        name = {kind: n for n, kind in LIKELIHOODS.items()}.get(data_kind, "")
-        if not name:
-            raise ValueError(f"data_kind: expected one of {sorted(LIKELIHOODS.values())}")
+        name = likelihood_for(data_kind)
     if name == "bernoulli":
         return Bernoulli()
     if name == "logistic":

@@ -131,7 +131,8 @@ class DiscreteVAE(Protocol):
     """What training and evaluation need from a model: its programs and its code sites.
 
     ``model(x)`` and ``guide(x)`` take a batch of data (already transformed by the model's
-    likelihood) and run inside a ``pyro.plate`` named :data:`DATA_PLATE`.
+    likelihood) and run inside a ``pyro.plate`` named :data:`DATA_PLATE`. A model may also define
+    ``check_data(x, name)``, which training and evaluation call once before any work.
     """
 
     code_sites: Sequence[CodeSite]

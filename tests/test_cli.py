@@ -72,6 +72,9 @@ def test_config_file_and_flag_precedence(tmp_path, capsys):
     (tmp_path / "bad.toml").write_text("colour = 'red'\n")
     assert main(["train", "--config", str(tmp_path / "bad.toml")]) == 2
     assert "unknown settings ['colour']" in capsys.readouterr().err
+    (tmp_path / "typed.json").write_text('{"ema": "false"}')
+    assert main(["train", "--config", str(tmp_path / "typed.json")]) == 2
+    assert "ema: expected bool" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -84,6 +87,9 @@ def test_config_file_and_flag_precedence(tmp_path, capsys):
         (["train", "--grid", "5"], "power of two"),
         (["train", "--config", "/no/such.toml"], "--config"),
         (["evaluate", "/no/such/run"], "config.json"),
+        (["train", "--family", "bogus", "--data", "/no/such/path"], "family"),
+        (["train", "--codebook-init", "zeros"], "codebook_init"),
+        (["train", "--seed", "-1"], "seed"),
     ],
 )
 def test_bad_input_fails_with_one_clear_line(args, message, capsys, tmp_path):
@@ -110,6 +116,31 @@ def test_corrupted_or_foreign_checkpoints_are_refused(tmp_path, run_dir, capsys)
     (broken / "best.pt").write_bytes((run_dir / "best.pt").read_bytes()[:100])
     assert main(["evaluate", str(broken), "--quiet"]) == 2
     assert "corrupted" in capsys.readouterr().err
+
+
+def test_altered_checkpoint_contents_are_detected(tmp_path, run_dir):
+    state = torch.load(run_dir / "final.pt", weights_only=True)
+    state["model"]["codebook.weight"][0, 0] += 1.0
+    torch.save(state, tmp_path / "altered.pt")
+    with pytest.raises(ValueError, match="digest"):
+        load_checkpoint(tmp_path / "altered.pt")
+
+
+def test_run_files_get_the_usual_permissions(run_dir):
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("config.json", "best.pt", "summary.json"):
+        assert (run_dir / name).stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_a_torn_last_log_line_is_left_out(tmp_path, run_dir):
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    text = (run_dir / "metrics.jsonl").read_text()
+    (copy / "metrics.jsonl").write_text(text + '{"step": 18, "lo')
+    assert len(RunDir(copy).read_log()) == len(RunDir(run_dir).read_log())
 
 
 def test_checkpoints_are_written_atomically(tmp_path):

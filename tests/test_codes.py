@@ -164,3 +164,23 @@ def test_nan_logits_are_refused_under_validation():
     assert (
         CodeCategorical(torch.tensor([0.0, -torch.inf]), BinaryUnits()).log_prob(torch.tensor(0.0)) == 0
     )
+
+
+def test_codes_ruled_out_by_both_sides_give_finite_kl_entropy_and_gradients():
+    book = Codebook(3, 2, init="normal")
+    q_logits = torch.tensor([0.0, 0.0, -torch.inf], requires_grad=True)
+    q = CodeCategorical(q_logits, book)
+    p = CodeCategorical(torch.tensor([0.0, 1.0, -torch.inf]), book)
+    kl, entropy = kl_divergence(q, p), q.entropy()
+    assert torch.isfinite(kl) and torch.isfinite(entropy)
+    expected = 0.5 * (torch.log(torch.tensor(0.5)) - torch.log_softmax(p.logits, -1)[:2]).sum()
+    torch.testing.assert_close(kl, expected)
+    torch.testing.assert_close(entropy, torch.log(torch.tensor(2.0)))
+    (kl + entropy).backward()
+    assert torch.all(torch.isfinite(q_logits.grad))
+
+
+def test_concrete_refuses_a_non_positive_temperature():
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="temperature"):
+            Concrete(bad)

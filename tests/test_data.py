@@ -133,3 +133,39 @@ def test_the_shared_binarized_mnist_loads_as_documented():
     assert data.train.shape == (50000, 1, 28, 28) and data.valid.shape == (10000, 1, 28, 28)
     assert data.kind == "binary"
     assert float(data.train.float().mean()) == pytest.approx(0.1306, abs=1e-4)
+
+
+def test_the_kind_is_decided_on_every_value_of_both_splits(tmp_path):
+    train = np.random.default_rng(0).integers(0, 256, (20, 28, 28)).astype(np.float32)
+    valid = train[:5].copy()
+    valid[-1, -1, -1] = 300.0  # past any prefix a sampled check would read
+    np.savez(tmp_path / "d.npz", train=train, valid=valid)
+    data = load(tmp_path / "d.npz")
+    assert data.kind == "real" and float(data.valid.max()) == 300.0
+    binary_train = (train > 128).astype(np.float32)
+    binary_valid = binary_train[:5].copy()
+    binary_valid[-1, -1, -1] = 0.5
+    np.savez(tmp_path / "b.npz", train=binary_train, valid=binary_valid)
+    assert load(tmp_path / "b.npz").kind == "real"
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("short-idx3-ubyte", struct.pack(">HBB", 0, 8, 3) + b"\x00\x00"),
+        ("t10k-images-idx3-ubyte.gz", b"this is not gzip"),
+        ("train.npz", b"PK\x03\x04 truncated zip"),
+        ("rows.amat", b"0 1 0\n\xff\xfe\n"),
+        ("data_batch_1", b"\x80\x04 not a pickle"),
+    ],
+)
+def test_unreadable_files_raise_a_value_error_naming_them(tmp_path, name, content):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=name):
+        load(tmp_path / name)
+
+
+def test_an_npy_file_named_npz_still_loads(tmp_path):
+    np.save(tmp_path / "x.npy", binary_rows(10))
+    (tmp_path / "x.npy").rename(tmp_path / "x.npz")
+    assert load(tmp_path / "x.npz").train.shape == (9, 1, 28, 28)

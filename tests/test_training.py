@@ -125,3 +125,39 @@ def test_rgb_images_train_with_the_discretised_logistic(grid):
     assert after["exact_bits_per_dim"] < before["exact_bits_per_dim"] - 0.5
     bits = -after["exact_elbo"]["mean"] / (3 * 32 * 32 * math.log(2))
     assert after["exact_bits_per_dim"] == pytest.approx(bits)
+
+
+@pytest.mark.parametrize(
+    ("transform", "match"),
+    [
+        (lambda x: x.to(torch.uint8), "float"),
+        (lambda x: x * 0.5, "binary"),
+        (lambda x: x.masked_fill(torch.rand_like(x) < 0.01, float("nan")), "NaN"),
+        (lambda x: x.flatten(1), "shape"),
+    ],
+)
+def test_fit_and_evaluate_check_the_data_before_any_work(transform, match):
+    config, vae, family, train_x, valid_x = setup("vq")
+    bad = transform(train_x[:64])
+    with pytest.raises(ValueError, match=match):
+        fit(vae, family, bad, valid_x, config)
+    with pytest.raises(ValueError, match=match):
+        evaluate(vae, family, bad)
+    assert not bool(vae.codebook.initialised)  # no k-means on bad features
+
+
+def test_a_family_built_for_another_model_is_refused():
+    _, vae, _, train_x, _ = setup("sq")
+    _, other, _, _, _ = setup("sq")
+    family = FAMILIES["sq"](other.code_sites)
+    with pytest.raises(ValueError, match="another model"):
+        family.wrap(vae.model)(train_x[:4])
+
+
+def test_trained_models_and_families_pickle():
+    import pickle
+
+    config, vae, family, train_x, valid_x = setup("rr", max_steps=3, eval_every=3)
+    fit(vae, family, train_x, valid_x, config)
+    clone = pickle.loads(pickle.dumps((vae, family)))
+    assert torch.equal(clone[0].codebook.weight, vae.codebook.weight)

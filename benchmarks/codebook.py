@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
+
+from common import write_result
 
 
 def peak_mib() -> float:
@@ -77,13 +77,8 @@ def main() -> None:
         "memory_ratio_chunked_over_full": runs["chunked"]["peak_extra_mib"]
         / runs["full"]["peak_extra_mib"],
         "time_ratio_chunked_over_full": runs["chunked"]["seconds"] / runs["full"]["seconds"],
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(),
     }
-    out_path = Path(args.out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=2) + "\n")
+    out_path = write_result(args.out, result)
     for method, run in runs.items():
         print(f"{method:8s} {run['seconds']:6.2f} s  peak +{run['peak_extra_mib']:8.0f} MiB")
     print(f"-> {out_path}")

@@ -14,21 +14,19 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import pyro
 import torch
-from probvq.inference import VQ
-from probvq.models import VQVAE
 from torch import nn
 
+from common import write_result
 from probvq.data import synthetic
+from probvq.inference import VQ
 from probvq.likelihoods import Bernoulli
+from probvq.models import VQVAE
 
 
 def probvq_step(vae, family, optimiser, loss_fn):
@@ -121,14 +119,8 @@ def main() -> None:
         "seconds_per_step_all": times,
         "objective_at_first_step": first,
         "settings": vars(args),
-        "torch": torch.__version__,
-        "pyro": pyro.__version__,
-        "threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_result(args.out, result)
     print(
         f"probvq {1e3 * median['probvq']:.1f} ms/step, plain {1e3 * median['plain']:.1f} ms/step, "
         f"ratio {result['ratio_probvq_over_plain']:.3f} -> {out}"

@@ -7,10 +7,10 @@ Run: ``python examples/swap_families.py [--steps 300]``.
 import argparse
 
 import pyro
-from probvq.inference import evaluate, fit
 
 from probvq.build import build, load_data, resolve
 from probvq.config import RunConfig
+from probvq.inference import evaluate, fit
 
 
 def main() -> None:

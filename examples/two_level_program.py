@@ -10,12 +10,12 @@ import argparse
 import pyro
 import pyro.distributions as dist
 import torch
-from probvq.inference import RR, SQ, FamilyStack, evaluate, fit
 from torch import nn
 
 from probvq import DATA_PLATE, Codebook, CodeSite, code
 from probvq.config import RunConfig
 from probvq.data import synthetic
+from probvq.inference import RR, SQ, FamilyStack, evaluate, fit
 
 
 class TwoLevel(nn.Module):

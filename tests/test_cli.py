@@ -4,10 +4,10 @@ import sys
 
 import pytest
 import torch
-from probvq.inference import load_checkpoint, save_checkpoint
-from probvq.inference.checkpoint import RunDir
 
 from probvq.cli import main
+from probvq.inference import load_checkpoint, save_checkpoint
+from probvq.inference.checkpoint import RunDir
 
 TINY = [
     "--quiet", "--max-steps", "12", "--eval-every", "6", "--hidden", "8", "--res-blocks", "0",

@@ -3,10 +3,10 @@ exact ELBO is checked against log p(x) computed by brute force."""
 
 import pytest
 import torch
-from probvq.inference import FAMILIES, elbo_terms, run_traces
 from torch.distributions import Independent
 
 from probvq.codes import CodePoint
+from probvq.inference import FAMILIES, elbo_terms, run_traces
 
 FAMILY_NAMES = sorted(FAMILIES)
 

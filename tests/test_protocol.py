@@ -4,11 +4,11 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from probvq.inference import RR, SQ, VQ, FamilyStack, TemperatureSchedule, elbo_terms, fit, run_traces
 from torch import nn
 
 from probvq import DATA_PLATE, BinaryUnits, Codebook, CodeSite, code
 from probvq.config import RunConfig
+from probvq.inference import RR, SQ, VQ, FamilyStack, TemperatureSchedule, elbo_terms, fit, run_traces
 
 
 class TwoLevel(nn.Module):

@@ -3,11 +3,11 @@ import math
 import pyro
 import pytest
 import torch
-from probvq.inference import FAMILIES, evaluate, fit
-from probvq.inference.terms import elbo_terms, run_traces
 
 from probvq.build import build, load_data, resolve
 from probvq.config import RunConfig
+from probvq.inference import FAMILIES, evaluate, fit
+from probvq.inference.terms import elbo_terms, run_traces
 
 SMALL = dict(
     num_codes=16, code_dim=8, hidden=16, res_blocks=1, batch_size=32, train_limit=1500, valid_size=200

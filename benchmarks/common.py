@@ -1,0 +1,31 @@
+"""What every benchmark records beside its figures, and how it writes them."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import pyro
+import torch
+
+
+def environment() -> dict[str, Any]:
+    """Versions and machine, so figures can be compared across runs."""
+    return {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "pyro": pyro.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+    }
+
+
+def write_result(path: str | Path, result: dict[str, Any]) -> Path:
+    """Write ``result`` plus :func:`environment` as indented JSON; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**result, "environment": environment()}, indent=2) + "\n")
+    return path

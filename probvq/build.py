@@ -12,7 +12,7 @@ from torch import nn
 
 from probvq.codebook import INITIALISERS
 from probvq.config import RunConfig
-from probvq.data import SYNTHETIC, Dataset, load, synthetic
+from probvq.data import Dataset, load, synthetic
 from probvq.inference import FAMILIES, GuideFamily, TemperatureSchedule
 from probvq.likelihoods import LIKELIHOODS, likelihood_for, make_likelihood
 from probvq.models import VQVAE
@@ -38,10 +38,6 @@ def check_names(config: RunConfig) -> None:
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed:
             raise ValueError(f"{name}: expected one of {allowed}, got {getattr(config, name)!r}")
-    if config.data is None and config.dataset not in SYNTHETIC:
-        raise ValueError(
-            f"dataset: expected one of {SYNTHETIC} (or give --data PATH), got {config.dataset!r}"
-        )
 
 
 def resolve(config: RunConfig, dataset: Dataset) -> RunConfig:
@@ -56,7 +52,6 @@ def resolve(config: RunConfig, dataset: Dataset) -> RunConfig:
 
 def load_data(config: RunConfig) -> Dataset:
     """The run's dataset: ``--data PATH`` if given, else the named built-in dataset."""
-    check_names(config)
     dataset = load(config.data) if config.data is not None else synthetic(config.dataset)
     if config.train_limit is not None:
         dataset = replace(dataset, train=dataset.train[: config.train_limit])

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +30,8 @@ from probvq.sites import DiscreteVAE
 
 from .family import FamilyStack, GuideFamily
 from .terms import code_indices, elbo_terms, observed_dims, reconstruction_error, run_traces
+
+KINDS = ("distortion", "rate", "regulariser")
 
 
 def mean_and_se(values: Tensor) -> dict[str, float | None]:
@@ -57,10 +61,119 @@ def _devices(device: torch.device) -> list[int]:
     return [device.index or 0] if device.type == "cuda" else []
 
 
-def _batches(x: Tensor, batch_size: int, progress: bool) -> Iterable[Tensor]:
+@contextmanager
+def evaluation(vae: DiscreteVAE, family: GuideFamily | FamilyStack, seed: int) -> Iterator[torch.device]:
+    """Evaluation mode, no gradients, and a forked RNG seeded by ``seed``; yields the device.
+
+    The caller's random stream and the modules' train/eval modes are left as they were.
+    """
+    modules = [m for m in (vae, family) if isinstance(m, nn.Module)]
+    was_training = [m.training for m in modules]
+    device = next(p.device for m in modules for p in m.parameters())
+    try:
+        for m in modules:
+            m.eval()
+        with torch.no_grad(), torch.random.fork_rng(devices=_devices(device)):
+            torch.manual_seed(seed)
+            yield device
+    finally:
+        for m, mode in zip(modules, was_training, strict=True):
+            m.train(mode)
+
+
+def batches(x: Tensor, batch_size: int, progress: bool, desc: str = "evaluate") -> Iterable[Tensor]:
+    """Consecutive slices of ``x``, with a progress bar over them when ``progress``."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
     starts = range(0, x.shape[0], batch_size)
-    for start in tqdm(starts, desc="evaluate", disable=not progress, leave=False):
+    for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
         yield x[start : start + batch_size]
+
+
+@dataclass
+class PointTerms:
+    """Per-example figures over a dataset (tensors of shape ``(N,)`` on the CPU, nats).
+
+    ``usage`` holds, per code site, how often each code was drawn over the whole pass.
+    """
+
+    exact: Tensor
+    surrogate: Tensor
+    reconstruction_mse: Tensor
+    distortion: dict[str, Tensor]
+    rate: dict[str, Tensor]
+    regulariser: dict[str, Tensor]
+    usage: dict[str, Tensor]
+    observed_dims: int
+
+    @property
+    def gap(self) -> Tensor:
+        return self.surrogate - self.exact
+
+
+def point_terms(
+    vae: DiscreteVAE,
+    family: GuideFamily | FamilyStack,
+    x: Tensor,
+    batch_size: int = 500,
+    seed: int = 0,
+    progress: bool = False,
+) -> PointTerms:
+    """Run the exact and the surrogate guide over ``x`` (prepared data) and keep every term."""
+    check_inputs(vae, x)
+    model, guide = family.wrap(vae.model), family.wrap(vae.guide)
+    exact, surrogate, recon = [], [], []
+    parts: dict[str, dict[str, list[Tensor]]] = {kind: defaultdict(list) for kind in KINDS}
+    usage: dict[str, Tensor] = {}
+    dims = 0
+    with evaluation(vae, family, seed) as device:
+        for batch in batches(x, batch_size, progress):
+            batch = batch.to(device)
+            with family.exact():
+                model_trace, guide_trace = run_traces(model, guide, batch)
+            terms = elbo_terms(model_trace, guide_trace)
+            exact.append(terms.elbo.cpu())
+            for kind in KINDS:
+                for name, value in getattr(terms, kind).items():
+                    parts[kind][name].append(value.cpu())
+            for name, (num_codes, index) in code_indices(guide_trace).items():
+                found = torch.bincount(index.flatten(), minlength=num_codes).cpu()
+                usage[name] = usage[name] + found if name in usage else found
+            recon.append(reconstruction_error(model_trace).cpu())
+            dims = observed_dims(model_trace)
+            surrogate.append(elbo_terms(*run_traces(model, guide, batch)).elbo.cpu())
+    joined = {kind: {name: torch.cat(v) for name, v in sites.items()} for kind, sites in parts.items()}
+    return PointTerms(
+        exact=torch.cat(exact),
+        surrogate=torch.cat(surrogate),
+        reconstruction_mse=torch.cat(recon),
+        **joined,
+        usage=usage,
+        observed_dims=dims,
+    )
+
+
+def summarise(points: PointTerms) -> dict:
+    """Means and standard errors of :class:`PointTerms`; per-site terms also in bits/dim."""
+
+    def site_summary(values: Tensor) -> dict:
+        figures = mean_and_se(values)
+        return {**figures, "bits_per_dim": bits_per_dim(figures["mean"], points.observed_dims)}
+
+    summary = {
+        "examples": int(points.exact.shape[0]),
+        "observed_dims": points.observed_dims,
+        "exact_elbo": mean_and_se(points.exact),
+        "exact_bits_per_dim": bits_per_dim(-float(points.exact.double().mean()), points.observed_dims),
+        "surrogate_elbo": mean_and_se(points.surrogate),
+        "surrogate_gap": mean_and_se(points.gap),
+        "reconstruction_mse": mean_and_se(points.reconstruction_mse),
+    }
+    for kind in KINDS:
+        summary[kind] = {name: site_summary(v) for name, v in getattr(points, kind).items()}
+    summary["perplexity"] = {name: perplexity(c) for name, c in points.usage.items()}
+    summary["dead_codes"] = {name: int((c == 0).sum()) for name, c in points.usage.items()}
+    return summary
 
 
 def evaluate(
@@ -77,51 +190,4 @@ def evaluate(
     forked RNG, so evaluating never changes the caller's random stream. All figures are in nats
     per example unless named otherwise. ``progress`` shows a bar over batches.
     """
-    check_inputs(vae, x)
-    if batch_size < 1:
-        raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
-    modules = [m for m in (vae, family) if isinstance(m, nn.Module)]
-    was_training = [m.training for m in modules]
-    device = next(p.device for m in modules for p in m.parameters())
-    model, guide = family.wrap(vae.model), family.wrap(vae.guide)
-    exact, surrogate, recon = [], [], []
-    parts: dict[str, dict[str, list[Tensor]]] = defaultdict(lambda: defaultdict(list))
-    counts: dict[str, Tensor] = {}
-    dims = 0
-    try:
-        for m in modules:
-            m.eval()
-        with torch.no_grad(), torch.random.fork_rng(devices=_devices(device)):
-            torch.manual_seed(seed)
-            for batch in _batches(x, batch_size, progress):
-                batch = batch.to(device)
-                with family.exact():
-                    model_trace, guide_trace = run_traces(model, guide, batch)
-                terms = elbo_terms(model_trace, guide_trace)
-                exact.append(terms.elbo)
-                for kind in ("distortion", "rate", "regulariser"):
-                    for name, value in getattr(terms, kind).items():
-                        parts[kind][name].append(value)
-                for name, (num_codes, index) in code_indices(guide_trace).items():
-                    found = torch.bincount(index.flatten(), minlength=num_codes).cpu()
-                    counts[name] = counts[name] + found if name in counts else found
-                recon.append(reconstruction_error(model_trace))
-                dims = observed_dims(model_trace)
-                surrogate.append(elbo_terms(*run_traces(model, guide, batch)).elbo)
-    finally:
-        for m, mode in zip(modules, was_training, strict=True):
-            m.train(mode)
-    exact_t, surrogate_t = torch.cat(exact), torch.cat(surrogate)
-    summary = {
-        "examples": int(x.shape[0]),
-        "exact_elbo": mean_and_se(exact_t),
-        "exact_bits_per_dim": bits_per_dim(-float(exact_t.double().mean()), dims),
-        "surrogate_elbo": mean_and_se(surrogate_t),
-        "surrogate_gap": mean_and_se(surrogate_t - exact_t),
-        "reconstruction_mse": mean_and_se(torch.cat(recon)),
-    }
-    for kind, sites in parts.items():
-        summary[kind] = {name: mean_and_se(torch.cat(v)) for name, v in sites.items()}
-    summary["perplexity"] = {name: perplexity(c) for name, c in counts.items()}
-    summary["dead_codes"] = {name: int((c == 0).sum()) for name, c in counts.items()}
-    return summary
+    return summarise(point_terms(vae, family, x, batch_size, seed, progress))

@@ -34,6 +34,15 @@ from probvq.sites import CodeRequest, CodeSite
 REGULARISER = "probvq_regulariser"
 """``infer`` flag of training-only penalty sites; ELBO diagnostics report them apart."""
 
+INTEGRATES_OUT = "probvq_integrates_out"
+"""``infer`` flag of a latent site that no other site reads, in model and guide alike.
+
+Its densities integrate to one given everything else, so importance weights may leave it out: the
+weight without it is the weight with it averaged over its draw (a Rao-Blackwellisation), which
+has the same expectation and less variance. It still counts in the ELBO, where it is a term of the
+objective.
+"""
+
 
 def regulariser(name: str, penalty: Tensor) -> None:
     """Add a training-only ``penalty`` (per data point) to the loss, outside the ELBO.

@@ -29,7 +29,7 @@ from torch.distributions import Independent, kl_divergence
 from probvq.codes import CodeCategorical, CodePoint
 from probvq.sites import DATA_PLATE
 
-from .family import REGULARISER
+from .family import INTEGRATES_OUT, REGULARISER
 
 
 def run_traces(model: Callable, guide: Callable, *args, **kwargs) -> tuple[Trace, Trace]:
@@ -122,18 +122,47 @@ def observed_dims(model_trace: Trace) -> int:
     return total
 
 
+def log_weight(model_trace: Trace, guide_trace: Trace) -> Tensor:
+    """The importance log-weight ``log p(x, z) - log q(z | x)`` of the guide's sample, per example.
+
+    Every site is scored at its sampled value (no analytic KL), so ``logsumexp`` over ``k`` draws
+    minus ``log k`` is the importance-weighted bound. Training-only penalty sites are left out, and
+    so are latents flagged :data:`~.family.INTEGRATES_OUT`, whose densities integrate to one.
+    """
+
+    def counts(site: dict) -> bool:
+        return site["type"] == "sample" and not site["infer"].get(INTEGRATES_OUT)
+
+    total = 0
+    for site in model_trace.nodes.values():
+        if counts(site):
+            total = total + per_example(_log_prob(site), site)
+    for site in guide_trace.nodes.values():
+        if counts(site) and not site["is_observed"]:
+            total = total - per_example(_log_prob(site), site)
+    return total
+
+
+def observed_means(model_trace: Trace) -> list[tuple[str, Tensor, Tensor]]:
+    """``(name, value, mean)`` of every observed site whose likelihood has a mean."""
+    found = []
+    for name, site in model_trace.nodes.items():
+        if site["type"] == "sample" and site["is_observed"]:
+            try:
+                found.append((name, site["value"], site["fn"].mean))
+            except NotImplementedError:
+                continue
+    return found
+
+
 def reconstruction_error(model_trace: Trace) -> Tensor:
     """Mean squared error per example between observed values and the likelihood's mean."""
     errors = []
-    for site in model_trace.nodes.values():
-        if site["type"] == "sample" and site["is_observed"]:
-            try:
-                mean = site["fn"].mean
-            except NotImplementedError:
-                continue
-            event = site["fn"].event_shape
-            squared = (site["value"] - mean).pow(2).flatten(-len(event)).sum(-1)
-            errors.append(per_example(squared, site) / event.numel())
+    for name, value, mean in observed_means(model_trace):
+        site = model_trace.nodes[name]
+        event = site["fn"].event_shape
+        squared = (value - mean).pow(2).flatten(-len(event)).sum(-1)
+        errors.append(per_example(squared, site) / event.numel())
     if not errors:
         raise ValueError("no observed site with a mean to compare against")
     return torch.stack(errors).mean(0)

@@ -1,0 +1,135 @@
+"""ELBO diagnostics of a model/guide pair over a dataset, per data point and aggregated.
+
+:func:`diagnose` reads only Pyro traces, so any program written with :func:`probvq.code` gets it:
+
+* the exact ELBO decomposed per site: distortion ``-log p(x_s | z)`` of every observed site and rate
+  of every latent site (analytic KL where registered, ``log q - log p`` otherwise), in nats and
+  bits/dim, and the training surrogate's gap to it (:func:`.evaluate.point_terms`);
+* the importance-weighted bound ``IWAE_k`` with exact discrete ``log q`` (:mod:`.importance`), its
+  convergence curve over ``k' = 1, 10, 100, ... k`` from the same draws, and the mean log-weight,
+  an ELBO estimate from ``k`` draws that must agree with the analytic one up to noise;
+* Pareto k-hat per point from the same log-weights (:mod:`.psis`);
+* codebook usage per code site over the whole pass (perplexity, dead codes, counts).
+
+Memory: every pass holds at most the rows (points x draws) that fit under ``memory_mib``, measured
+by two probe passes (:mod:`.memory`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from probvq.likelihoods import bits_per_dim
+from probvq.sites import DiscreteVAE
+
+from .evaluate import PointTerms, check_inputs, evaluation, mean_and_se, point_terms, summarise
+from .family import FamilyStack, GuideFamily
+from .importance import curve_sizes, iwae_bound, log_weights, sample_log_weights
+from .memory import MIB, rows_within
+from .psis import khat_summary, pareto_khat
+from .terms import observed_means, run_traces
+
+
+@dataclass
+class Diagnostics:
+    """Per-point diagnostics of one pass (CPU tensors of shape ``(N,)`` unless noted)."""
+
+    terms: PointTerms
+    k: int
+    rows_per_pass: int
+    memory_mib: float
+    iwae: dict[int, Tensor]
+    """``IWAE_k'`` per point for each ``k'`` of the convergence curve (the last is ``k``)."""
+    mean_log_weight: Tensor
+    khat: Tensor
+    log_weights: Tensor | None
+    """``(N, k)`` when asked for."""
+    reconstructions: tuple[Tensor, Tensor] | None
+    """Data and the likelihood's mean for the first few points, shaped like the observed site."""
+
+    @property
+    def bound(self) -> Tensor:
+        return self.iwae[self.k]
+
+    def summary(self) -> dict:
+        """Means with standard errors, shares of k-hat above 0.5 and 0.7, usage; JSON-ready."""
+        dims = self.terms.observed_dims
+        iwae = mean_and_se(self.bound)
+        return {
+            **summarise(self.terms),
+            "iwae": {
+                "k": self.k,
+                **iwae,
+                "bits_per_dim": bits_per_dim(-iwae["mean"], dims),
+                "minus_exact_elbo": mean_and_se(self.bound - self.terms.exact),
+            },
+            "iwae_curve": {str(size): mean_and_se(values) for size, values in self.iwae.items()},
+            "mean_log_weight": mean_and_se(self.mean_log_weight),
+            "pareto_khat": khat_summary(self.khat),
+            "num_codes": {name: int(counts.numel()) for name, counts in self.terms.usage.items()},
+            "rows_per_pass": self.rows_per_pass,
+            "memory_mib": self.memory_mib,
+        }
+
+
+def diagnose(
+    vae: DiscreteVAE,
+    family: GuideFamily | FamilyStack,
+    x: Tensor,
+    k: int = 1000,
+    memory_mib: float = 1024.0,
+    batch_size: int = 500,
+    seed: int = 0,
+    progress: bool = False,
+    keep_log_weights: bool = False,
+    examples: int = 16,
+) -> Diagnostics:
+    """Diagnose ``vae`` under ``family`` on prepared data ``x`` with ``k`` importance draws per point.
+
+    ``batch_size`` bounds the points per pass of the decomposition (lowered further to fit the
+    memory cap); ``examples`` points are kept with their reconstructions for plotting.
+    """
+    check_inputs(vae, x)
+    if k < 1:
+        raise ValueError(f"k: expected a positive number of importance samples, got {k!r}")
+    if not memory_mib > 0:
+        raise ValueError(f"memory_mib: expected a positive size in MiB, got {memory_mib!r}")
+    model, guide = family.wrap(vae.model), family.wrap(vae.guide)
+    sizes = curve_sizes(k)
+    curve: dict[int, list[Tensor]] = {size: [] for size in sizes}
+    mean_log_w, khat, kept = [], [], []
+    with evaluation(vae, family, seed) as device, family.exact():
+        first = x[:1].to(device)
+        rows = rows_within(
+            memory_mib * MIB,
+            lambda n: sample_log_weights(model, guide, first.repeat_interleave(n, dim=0)),
+            device,
+        )
+        bar = tqdm(total=x.shape[0], desc=f"iwae k={k}", disable=not progress, leave=False)
+        for log_w in log_weights(model, guide, x.to(device), k, rows):
+            log_w = log_w.double().cpu()
+            for size in sizes:
+                curve[size].append(iwae_bound(log_w[:, :size]))
+            mean_log_w.append(log_w.mean(1))
+            khat.append(pareto_khat(log_w))
+            if keep_log_weights:
+                kept.append(log_w)
+            bar.update(log_w.shape[0])
+        bar.close()
+        observed = observed_means(run_traces(model, guide, x[:examples].to(device))[0])
+    terms = point_terms(vae, family, x, min(batch_size, rows), seed, progress)
+    return Diagnostics(
+        terms=terms,
+        k=k,
+        rows_per_pass=rows,
+        memory_mib=memory_mib,
+        iwae={size: torch.cat(values) for size, values in curve.items()},
+        mean_log_weight=torch.cat(mean_log_w),
+        khat=torch.cat(khat),
+        log_weights=torch.cat(kept) if keep_log_weights else None,
+        reconstructions=(observed[0][1].cpu(), observed[0][2].cpu()) if observed else None,
+    )

@@ -1,7 +1,8 @@
 """Guide families, objectives, training, evaluation and checkpoints (``probvq.inference``)."""
 
 from .checkpoint import RunDir, load_checkpoint, save_checkpoint
-from .evaluate import evaluate
+from .diagnostics import Diagnostics, diagnose
+from .evaluate import PointTerms, evaluate, point_terms
 from .family import FamilyStack, GuideFamily, regulariser
 from .relaxed import GaussianQuantiser, RelaxedFamily, TemperatureSchedule
 from .rr import RR
@@ -17,19 +18,23 @@ __all__ = [
     "RR",
     "SQ",
     "VQ",
+    "Diagnostics",
     "ElboTerms",
     "FamilyStack",
     "GaussianQuantiser",
     "GuideFamily",
+    "PointTerms",
     "RelaxedFamily",
     "RunDir",
     "TemperatureSchedule",
     "TrainResult",
     "code_indices",
+    "diagnose",
     "elbo_terms",
     "evaluate",
     "fit",
     "load_checkpoint",
+    "point_terms",
     "regulariser",
     "run_traces",
     "save_checkpoint",

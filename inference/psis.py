@@ -33,7 +33,8 @@ MIN_SAMPLES = 21
 THRESHOLDS = (0.5, 0.7)
 
 
-def _arviz():
+def load_arviz():
+    """ArviZ, imported on first use (it is slow to import) without its announcement warning."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # ArviZ 0.2x announces its 1.x refactor
         import arviz
@@ -70,7 +71,7 @@ def pareto_khat(log_weights: Tensor) -> Tensor:
     log_w = log_weights.detach().double().cpu().numpy()
     if not np.isfinite(log_w).all():
         raise ValueError("log_weights: expected finite log-weights (a draw scored -inf or NaN)")
-    _, khat = _arviz().psislw(log_w.copy(), reff=1.0)
+    _, khat = load_arviz().psislw(log_w.copy(), reff=1.0)
     khat = np.where(_tied_at_top(log_w), -np.inf, khat)
     return torch.from_numpy(np.asarray(khat, dtype=np.float64))
 

@@ -1,4 +1,4 @@
-"""The ``probvq`` command: ``train`` a model under a guide family, ``evaluate`` a run.
+"""The ``probvq`` command: ``train`` a model under a guide family, ``evaluate`` or ``diagnose`` a run.
 
 Settings come from defaults, then ``--config FILE`` (TOML or JSON), then flags. Errors in the input
 (missing files, bad data, bad settings) are reported in one line before any work starts.
@@ -17,11 +17,14 @@ from pathlib import Path
 
 import pyro
 import torch
+from torch import Tensor, nn
 
 from probvq.build import build, check_names, load_data, resolve
 from probvq.config import RunConfig, read_config_file
-from probvq.inference import RunDir, evaluate, fit, load_checkpoint
+from probvq.inference import RunDir, diagnose, evaluate, fit, load_checkpoint
 from probvq.inference.checkpoint import write_json
+from probvq.inference.export import to_inference_data, write_netcdf
+from probvq.inference.plots import write_plots
 
 HELP = {
     "model": "model to train (vqvae)",
@@ -122,11 +125,14 @@ def train_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def evaluate_command(args: argparse.Namespace) -> int:
+def _load_run(args: argparse.Namespace) -> tuple[RunDir, RunConfig, dict, nn.Module, nn.Module, Tensor]:
+    """The run, its config, checkpoint, model and family on the device, and the chosen data."""
     run = RunDir.open(args.run_dir)
     config = RunConfig.from_dict(run.config(), source=f"{run.path}/config.json")
     device = args.device or config.device
     _check_device(device)
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit: expected a positive integer, got {args.limit}")
     if args.data is not None:
         config = replace(config, data=args.data)
     dataset = load_data(config)
@@ -142,18 +148,76 @@ def evaluate_command(args: argparse.Namespace) -> int:
         ) from err
     vae.to(device)
     family.to(device)
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit: expected a positive integer, got {args.limit}")
     splits = {"valid": dataset.valid, "train": dataset.train}
     images = torch.cat([dataset.train, dataset.valid]) if args.split == "all" else splits[args.split]
     x = vae.likelihood.prepare(images[: args.limit])
-    summary = evaluate(
-        vae, family, x, args.batch_size, args.seed, progress=not args.quiet and sys.stderr.isatty()
-    )
+    return run, config, state, vae, family, x
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    return not args.quiet and sys.stderr.isatty()
+
+
+def _report(args: argparse.Namespace, run: RunDir, config: RunConfig, state: dict) -> dict:
     data = config.data or config.dataset
-    report = {"run_dir": str(run.path), "checkpoint": args.checkpoint, "step": state["step"]}
-    print(json.dumps({**report, "data": data, "split": args.split, **summary}))
+    return {
+        "run_dir": str(run.path),
+        "checkpoint": args.checkpoint,
+        "step": state["step"],
+        "data": data,
+        "split": args.split,
+    }
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
+    run, config, state, vae, family, x = _load_run(args)
+    summary = evaluate(vae, family, x, args.batch_size, args.seed, progress=_progress(args))
+    print(json.dumps({**_report(args, run, config, state), **summary}))
     return 0
+
+
+def diagnose_command(args: argparse.Namespace) -> int:
+    if args.k < 1:
+        raise ValueError(f"--k: expected a positive number of importance samples, got {args.k}")
+    if not args.memory_mib > 0:
+        raise ValueError(f"--memory-mib: expected a positive size, got {args.memory_mib}")
+    RunDir.check_new(args.out)
+    run, config, state, vae, family, x = _load_run(args)
+    found = diagnose(
+        vae,
+        family,
+        x,
+        k=args.k,
+        memory_mib=args.memory_mib,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        progress=_progress(args),
+        keep_log_weights=args.save_log_weights,
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    records = run.read_log()
+    summary = {**_report(args, run, config, state), **found.summary()}
+    write_netcdf(out / "diagnostics.nc", to_inference_data(found, records, config.to_dict()))
+    plots = write_plots(found, records, out / "plots")
+    summary["files"] = ["diagnostics.nc", *(str(p.relative_to(out)) for p in plots)]
+    write_json(out / "summary.json", summary)
+    print(json.dumps(summary))
+    return 0
+
+
+def _add_run_flags(parser: argparse.ArgumentParser, batch_size: int) -> None:
+    parser.add_argument("run_dir", type=Path, help="a run directory written by probvq train")
+    parser.add_argument("--data", help="dataset to use (default: the run's own data)")
+    parser.add_argument(
+        "--split", choices=("valid", "train", "all"), default="valid", help="which part of it"
+    )
+    parser.add_argument("--checkpoint", choices=("best", "final"), default="best")
+    parser.add_argument("--batch-size", type=int, default=batch_size, help="points per pass")
+    parser.add_argument("--limit", type=int, help="use only the first N examples")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", help="cpu or cuda (default: the run's)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -163,18 +227,24 @@ def make_parser() -> argparse.ArgumentParser:
     _add_config_flags(train)
     train.set_defaults(handler=train_command)
     ev = commands.add_parser("evaluate", help="exact ELBO, surrogate gap and usage of a run")
-    ev.add_argument("run_dir", type=Path, help="a run directory written by probvq train")
-    ev.add_argument("--data", help="dataset to evaluate on (default: the run's own data)")
-    ev.add_argument(
-        "--split", choices=("valid", "train", "all"), default="valid", help="which part of it"
-    )
-    ev.add_argument("--checkpoint", choices=("best", "final"), default="best")
-    ev.add_argument("--batch-size", type=int, default=500)
-    ev.add_argument("--limit", type=int, help="evaluate only the first N examples")
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--device", help="cpu or cuda (default: the run's)")
-    ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_run_flags(ev, batch_size=500)
     ev.set_defaults(handler=evaluate_command)
+    diag = commands.add_parser(
+        "diagnose",
+        help="per-site ELBO terms, importance-weighted bound, PSIS k-hat, usage; JSON, netCDF, plots",
+    )
+    _add_run_flags(diag, batch_size=500)
+    diag.add_argument("--k", type=int, default=1000, help="importance samples per data point")
+    diag.add_argument(
+        "--memory-mib", type=float, default=1024.0, help="peak memory cap of one pass, in MiB"
+    )
+    diag.add_argument(
+        "--out", required=True, help="new directory for summary.json, diagnostics.nc, plots/"
+    )
+    diag.add_argument(
+        "--save-log-weights", action="store_true", help="also store the (points x k) log-weights"
+    )
+    diag.set_defaults(handler=diagnose_command)
     return parser
 
 

@@ -4,6 +4,7 @@ import sys
 
 import pytest
 import torch
+import xarray as xr
 
 from probvq.cli import main
 from probvq.inference import load_checkpoint, save_checkpoint
@@ -53,6 +54,43 @@ def test_evaluate_matches_the_training_log_on_the_same_slice(run_dir, capsys):
     report = json.loads(capsys.readouterr().out)
     logged = RunDir(run_dir).read_log()[-1]["valid"]
     assert report["exact_elbo"]["mean"] == pytest.approx(logged["exact_elbo"]["mean"], rel=1e-5)
+
+
+def test_diagnose_writes_summary_netcdf_and_plots(run_dir, tmp_path, capsys):
+    out = tmp_path / "diag"
+    capsys.readouterr()
+    args = ["diagnose", str(run_dir), "--k", "40", "--limit", "10", "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    printed = json.loads(capsys.readouterr().out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert printed == summary and summary["examples"] == 10 and summary["iwae"]["k"] == 40
+    assert {"iwae_curve", "pareto_khat", "rate", "distortion", "perplexity", "surrogate_gap"} <= set(
+        summary
+    )
+    plots = {f"plots/{name}.png" for name in ("training_curves", "rates", "codebook_usage", "khat")}
+    assert {"diagnostics.nc", "plots/reconstructions.png", *plots} == set(summary["files"])
+    assert all((out / name).is_file() for name in summary["files"])
+    with xr.open_dataset(out / "diagnostics.nc", group="training_log", engine="h5netcdf") as log:
+        assert list(log.step.values) == [r["step"] for r in RunDir(run_dir).read_log()]
+    before = (out / "summary.json").read_bytes()
+    assert main(args) == 2  # a second run refuses the directory and changes nothing
+    assert "already exists" in capsys.readouterr().err
+    assert (out / "summary.json").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--k", "0"], "--k: expected"),
+        (["--memory-mib", "-1"], "--memory-mib"),
+        (["--limit", "0"], "--limit"),
+    ],
+)
+def test_diagnose_refuses_bad_settings_before_any_work(run_dir, tmp_path, capsys, flags, message):
+    out = tmp_path / "diag"
+    assert main(["diagnose", str(run_dir), "--out", str(out), "--quiet", *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_an_existing_run_is_never_overwritten(run_dir, capsys):

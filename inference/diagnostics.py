@@ -81,7 +81,7 @@ def diagnose(
     family: GuideFamily | FamilyStack,
     x: Tensor,
     k: int = 1000,
-    memory_mib: float = 1024.0,
+    memory_mib: float = 256.0,
     batch_size: int = 500,
     seed: int = 0,
     progress: bool = False,

@@ -236,7 +236,7 @@ def make_parser() -> argparse.ArgumentParser:
     _add_run_flags(diag, batch_size=500)
     diag.add_argument("--k", type=int, default=1000, help="importance samples per data point")
     diag.add_argument(
-        "--memory-mib", type=float, default=1024.0, help="peak memory cap of one pass, in MiB"
+        "--memory-mib", type=float, default=256.0, help="peak memory cap of one pass, in MiB"
     )
     diag.add_argument(
         "--out", required=True, help="new directory for summary.json, diagnostics.nc, plots/"

@@ -1,0 +1,134 @@
+"""Importance-weighted evaluation of the vqvae model: samples per second and peak memory.
+
+For each family and memory cap, a fresh subprocess builds the default ``vqvae`` (28 x 28 binary
+images; a trained run's weights with ``--run``) and times :func:`probvq.inference.diagnose` with
+``k`` draws for each of ``--points`` images: IWAE, its convergence curve, PSIS k-hat and the per-site
+decomposition. The baseline, in the same process, is the bare forward pass that each importance
+draw needs (guide, then model, scored), timed on batches of the same rows per pass; the ratio
+says what the rest of the diagnostics costs. Memory is reported two ways: the peak of live tensors
+(what the cap limits) and the growth of the process's peak resident size. Usage::
+
+    python benchmarks/iwae.py [--k 1000 --points 16 --memory-mib 256 1024] [--run RUN_DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyro
+import torch
+
+from common import write_result
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def build_model(family: str, run: str | None, seed: int):
+    from probvq.build import build, load_data, resolve
+    from probvq.config import RunConfig
+    from probvq.inference import RunDir, load_checkpoint
+
+    if run is None:
+        config = RunConfig(model="vqvae", family=family, train_limit=64, seed=seed)
+    else:
+        config = RunConfig.from_dict(RunDir.open(run).config())
+    dataset = load_data(config)
+    pyro.set_rng_seed(seed)
+    vae, fam = build(resolve(config, dataset), dataset)
+    if run is not None:
+        state = load_checkpoint(RunDir(run).checkpoint("best"))
+        vae.load_state_dict(state["model"])
+        fam.load_state_dict(state["family"])
+    return vae, fam, vae.likelihood.prepare(dataset.valid)
+
+
+def measure(family: str, run: str | None, k: int, points: int, memory_mib: float, seed: int) -> dict:
+    from probvq.inference import diagnose
+    from probvq.inference.importance import sample_log_weights
+    from probvq.inference.memory import PeakMemory
+
+    vae, fam, x = build_model(family, run, seed)
+    x = x[:points]
+    diagnose(vae, fam, x[:1], k=k, memory_mib=memory_mib, seed=seed)  # warm-up
+    base_rss = peak_rss_mib()
+    start = time.perf_counter()
+    with PeakMemory() as peak:
+        found = diagnose(vae, fam, x, k=k, memory_mib=memory_mib, seed=seed)
+    seconds = time.perf_counter() - start
+    rss_extra = peak_rss_mib() - base_rss
+
+    rows = found.rows_per_pass
+    batch = x[:1].repeat_interleave(rows, dim=0)
+    model, guide = fam.wrap(vae.model), fam.wrap(vae.guide)
+    vae.eval()
+    fam.eval()
+    passes = max(1, (points * k) // rows)
+    start = time.perf_counter()
+    with torch.no_grad(), fam.exact():
+        for _ in range(passes):
+            sample_log_weights(model, guide, batch)
+    forward_rate = passes * rows / (time.perf_counter() - start)
+    rate = points * k / seconds
+    summary = found.summary()
+    return {
+        "family": family,
+        "memory_cap_mib": memory_mib,
+        "rows_per_pass": rows,
+        "seconds": seconds,
+        "samples_per_second": rate,
+        "forward_rows_per_second": forward_rate,
+        "ratio_to_forward": rate / forward_rate,
+        "peak_tensor_mib": peak.bytes / 2**20,
+        "peak_rss_extra_mib": rss_extra,
+        "iwae": summary["iwae"]["mean"],
+        "exact_elbo": summary["exact_elbo"]["mean"],
+        "khat_share_above_0.7": summary["pareto_khat"]["share_above_0.7"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--families", nargs="+", default=["vq", "sq", "rr"])
+    parser.add_argument("--k", type=int, default=1000)
+    parser.add_argument("--points", type=int, default=16)
+    parser.add_argument("--memory-mib", type=float, nargs="+", default=[256.0, 1024.0])
+    parser.add_argument("--run", help="a run directory whose best checkpoint to load (one family)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="benchmarks/results/iwae.json")
+    parser.add_argument("--child", nargs=2, metavar=("FAMILY", "MIB"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        family, mib = args.child[0], float(args.child[1])
+        print(json.dumps(measure(family, args.run, args.k, args.points, mib, args.seed)))
+        return
+    if args.run:
+        args.families = [json.loads((Path(args.run) / "config.json").read_text())["family"]]
+    runs = []
+    for family in args.families:
+        for mib in args.memory_mib:
+            command = [sys.executable, __file__, "--child", family, str(mib), "--k", str(args.k)]
+            command += ["--points", str(args.points), "--seed", str(args.seed)]
+            command += ["--run", args.run] if args.run else []
+            out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+            runs.append(json.loads(out.strip().splitlines()[-1]))
+            run = runs[-1]
+            print(
+                f"{family:3s} cap {mib:6.0f} MiB: {run['samples_per_second']:8.0f} samples/s "
+                f"({run['ratio_to_forward']:.2f} of the bare forward), "
+                f"rows/pass {run['rows_per_pass']}, peak tensors {run['peak_tensor_mib']:.0f} MiB, "
+                f"RSS +{run['peak_rss_extra_mib']:.0f} MiB"
+            )
+    result = {"benchmark": "iwae", "model": "vqvae", "k": args.k, "points": args.points, "runs": runs}
+    print(f"-> {write_result(args.out, result)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -92,8 +92,12 @@ def training_log_dataset(records: list[dict[str, Any]]) -> xr.Dataset:
         data[name] = ("step", [_number(v[name]["mean"]) for v in valid])
         data[f"{name}_se"] = ("step", [_number(v[name]["se"]) for v in valid])
     coords: dict[str, Any] = {"step": [int(r["step"]) for r in records]}
-    sites = {"rate": "latent_site", "distortion": "observed_site", "perplexity": "code_site"}
-    sites["dead_codes"] = "code_site"
+    sites = {
+        "rate": "latent_site",
+        "distortion": "observed_site",
+        "perplexity": "code_site",
+        "dead_codes": "code_site",
+    }
     for kind, dim in sites.items():
         names = list(valid[0].get(kind, {})) if valid else []
         if not names:

@@ -77,12 +77,17 @@ def pareto_khat(log_weights: Tensor) -> Tensor:
 
 
 def khat_summary(khat: Tensor) -> dict:
-    """Shares above the thresholds among points with a k-hat, and the points without one."""
+    """Shares above the thresholds among points with a k-hat, median and largest finite k-hat.
+
+    Also counted: ``undefined`` points (too few draws), ``bounded`` ones (``-inf``) and
+    ``unbounded`` ones (``+inf``: ArviZ could not fit a tail spanning more than ~708 nats).
+    """
     defined = khat[~torch.isnan(khat)]
     summary: dict = {
         "points": int(khat.numel()),
         "undefined": int(khat.numel() - defined.numel()),
         "bounded": int(torch.isneginf(defined).sum()),
+        "unbounded": int(torch.isposinf(defined).sum()),
     }
     finite = defined[torch.isfinite(defined)]
     summary["median"] = (

@@ -23,8 +23,8 @@ from probvq.inference.psis import load_arviz
 SMALL = dict(num_codes=16, code_dim=8, hidden=16, res_blocks=1, train_limit=200, valid_size=50)
 
 
-def vqvae(family: str):
-    config = RunConfig(family=family, quiet=True, **SMALL)
+def vqvae(family: str, **overrides):
+    config = RunConfig(family=family, quiet=True, **{**SMALL, **overrides})
     dataset = load_data(config)
     pyro.set_rng_seed(0)
     vae, fam = build(resolve(config, dataset), dataset)
@@ -66,6 +66,14 @@ def test_every_family_reports_bounds_khat_and_usage(diagnosed):
         assert (found.bound >= found.iwae[1] - 1e-6).float().mean() > 0.5
     if name == "sq":  # the weights integrate z~ out: above SQ's ELBO by its Gaussian term
         assert found.mean_log_weight.mean() > found.terms.exact.mean()
+
+
+def test_a_learned_prior_model_is_diagnosed_like_any_other():
+    vae, family, x = vqvae("rr", prior="learned")
+    found = diagnose(vae, family, x[:4], k=50)
+    total = sum(found.terms.distortion.values()) + sum(found.terms.rate.values())
+    assert torch.allclose(-total, found.terms.exact, atol=1e-3)
+    assert torch.isfinite(found.bound).all() and torch.isfinite(found.khat).any()
 
 
 def test_peak_memory_stays_under_the_cap():
@@ -191,3 +199,18 @@ def test_plots_are_written_as_png(diagnosed, tmp_path):
     for path in written:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
     assert "training_curves.png" not in {p.name for p in write_plots(found, [], tmp_path / "again")}
+
+
+def test_diagnose_is_seeded_and_leaves_the_callers_random_stream_alone():
+    vae, family, x = vqvae("sq")
+    torch.manual_seed(7)
+    expected_next = torch.rand(1)
+    torch.manual_seed(7)
+    first = diagnose(vae, family, x[:3], k=30, seed=4)
+    assert torch.equal(torch.rand(1), expected_next)
+    again = diagnose(vae, family, x[:3], k=30, seed=4)
+    other = diagnose(vae, family, x[:3], k=30, seed=5)
+    assert torch.equal(first.bound, again.bound)
+    torch.testing.assert_close(first.khat, again.khat, rtol=0, atol=0, equal_nan=True)
+    assert not torch.equal(first.bound, other.bound)
+    assert vae.training and family.training  # modes restored

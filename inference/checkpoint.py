@@ -14,10 +14,11 @@ import hashlib
 import json
 import os
 import pickle
+import shutil
 import tempfile
 import zipfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,19 +34,34 @@ def _umask() -> int:
 
 
 @contextmanager
-def replacing(path: str | Path) -> Iterator[Path]:
-    """A temporary path beside ``path`` that replaces ``path`` only when the block succeeds."""
+def _into_place(tmp: Path, path: Path, mode: int) -> Iterator[Path]:
+    """Yield ``tmp``; if the block succeeds, give it the usual permissions and rename it to ``path``."""
+    try:
+        yield tmp
+        os.chmod(tmp, mode & ~_umask())  # mkstemp makes 0600 files, mkdtemp 0700 directories
+        os.replace(tmp, path)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def replacing(path: str | Path) -> AbstractContextManager[Path]:
+    """A temporary file beside ``path`` that replaces ``path`` only when the block succeeds."""
     path = Path(path)
     handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
-    tmp = Path(name)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    return _into_place(Path(name), path, 0o666)
+
+
+def new_directory(path: str | Path) -> AbstractContextManager[Path]:
+    """A temporary directory that becomes ``path`` (absent or empty) only when the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    return _into_place(Path(tmp), path, 0o777)
 
 
 def _atomic_write(path: Path, write) -> None:

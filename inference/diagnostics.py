@@ -17,7 +17,8 @@ by two probe passes (:mod:`.memory`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -76,6 +77,36 @@ class Diagnostics:
         }
 
 
+def check_settings(k: int, memory_mib: float, batch_size: int = 1, examples: int = 1) -> None:
+    """Refuse settings :func:`diagnose` cannot use, naming the argument."""
+    if not (isinstance(k, int) and k >= 1):
+        raise ValueError(f"k: expected a positive number of importance samples, got {k!r}")
+    if not (math.isfinite(memory_mib) and memory_mib > 0):
+        raise ValueError(f"memory_mib: expected a positive finite size in MiB, got {memory_mib!r}")
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+    if not (isinstance(examples, int) and examples >= 1):
+        raise ValueError(f"examples: expected a positive integer, got {examples!r}")
+
+
+@dataclass
+class _Importance:
+    """What :func:`diagnose` keeps of each group's log-weights."""
+
+    curve: dict[int, list[Tensor]]
+    mean_log_weight: list[Tensor] = field(default_factory=list)
+    khat: list[Tensor] = field(default_factory=list)
+    kept: list[Tensor] = field(default_factory=list)
+
+    def add(self, log_w: Tensor, keep: bool) -> None:
+        for size, values in self.curve.items():
+            values.append(iwae_bound(log_w[:, :size]))
+        self.mean_log_weight.append(log_w.mean(1))
+        self.khat.append(pareto_khat(log_w))
+        if keep:
+            self.kept.append(log_w)
+
+
 def diagnose(
     vae: DiscreteVAE,
     family: GuideFamily | FamilyStack,
@@ -91,17 +122,12 @@ def diagnose(
     """Diagnose ``vae`` under ``family`` on prepared data ``x`` with ``k`` importance draws per point.
 
     ``batch_size`` bounds the points per pass of the decomposition (lowered further to fit the
-    memory cap); ``examples`` points are kept with their reconstructions for plotting.
+    memory cap); ``examples`` points are kept with their reconstructions for plotting. The short
+    passes (memory probes, decomposition) run first, so bad input fails before the long one.
     """
+    check_settings(k, memory_mib, batch_size, examples)
     check_inputs(vae, x)
-    if k < 1:
-        raise ValueError(f"k: expected a positive number of importance samples, got {k!r}")
-    if not memory_mib > 0:
-        raise ValueError(f"memory_mib: expected a positive size in MiB, got {memory_mib!r}")
     model, guide = family.wrap(vae.model), family.wrap(vae.guide)
-    sizes = curve_sizes(k)
-    curve: dict[int, list[Tensor]] = {size: [] for size in sizes}
-    mean_log_w, khat, kept = [], [], []
     with evaluation(vae, family, seed) as device, family.exact():
         first = x[:1].to(device)
         rows = rows_within(
@@ -109,27 +135,23 @@ def diagnose(
             lambda n: sample_log_weights(model, guide, first.repeat_interleave(n, dim=0)),
             device,
         )
-        bar = tqdm(total=x.shape[0], desc=f"iwae k={k}", disable=not progress, leave=False)
-        for log_w in log_weights(model, guide, x.to(device), k, rows):
-            log_w = log_w.double().cpu()
-            for size in sizes:
-                curve[size].append(iwae_bound(log_w[:, :size]))
-            mean_log_w.append(log_w.mean(1))
-            khat.append(pareto_khat(log_w))
-            if keep_log_weights:
-                kept.append(log_w)
-            bar.update(log_w.shape[0])
-        bar.close()
         observed = observed_means(run_traces(model, guide, x[:examples].to(device))[0])
     terms = point_terms(vae, family, x, min(batch_size, rows), seed, progress)
+    found = _Importance({size: [] for size in curve_sizes(k)})
+    with evaluation(vae, family, seed) as device, family.exact():
+        bar = tqdm(total=x.shape[0], desc=f"iwae k={k}", disable=not progress, leave=False)
+        for log_w in log_weights(model, guide, x.to(device), k, rows):
+            found.add(log_w.double().cpu(), keep_log_weights)
+            bar.update(log_w.shape[0])
+        bar.close()
     return Diagnostics(
         terms=terms,
         k=k,
         rows_per_pass=rows,
         memory_mib=memory_mib,
-        iwae={size: torch.cat(values) for size, values in curve.items()},
-        mean_log_weight=torch.cat(mean_log_w),
-        khat=torch.cat(khat),
-        log_weights=torch.cat(kept) if keep_log_weights else None,
+        iwae={size: torch.cat(values) for size, values in found.curve.items()},
+        mean_log_weight=torch.cat(found.mean_log_weight),
+        khat=torch.cat(found.khat),
+        log_weights=torch.cat(found.kept) if keep_log_weights else None,
         reconstructions=(observed[0][1].cpu(), observed[0][2].cpu()) if observed else None,
     )

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import xarray as xr
@@ -30,6 +30,9 @@ from torch import Tensor
 from .checkpoint import replacing
 from .diagnostics import Diagnostics
 from .psis import load_arviz
+
+if TYPE_CHECKING:
+    from arviz import InferenceData
 
 
 def _site_matrix(values: dict[str, Tensor], dim: str) -> tuple[tuple[str, str], np.ndarray] | None:
@@ -125,7 +128,7 @@ def to_inference_data(
     diagnostics: Diagnostics,
     training_log: list[dict[str, Any]] | None = None,
     config: dict[str, Any] | None = None,
-):
+) -> InferenceData:
     """An ``arviz.InferenceData`` holding the groups above (those with content)."""
     groups = {
         "diagnostics": diagnostics_dataset(diagnostics),
@@ -145,7 +148,7 @@ def to_inference_data(
     )
 
 
-def write_netcdf(path: str | Path, idata) -> None:
+def write_netcdf(path: str | Path, idata: InferenceData) -> None:
     """Write ``idata`` to ``path`` atomically (a temporary file renamed into place)."""
     with replacing(path) as tmp:
         idata.to_netcdf(str(tmp))

@@ -13,6 +13,7 @@ sees each operator's outputs; workspace an operator frees before returning is no
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from types import TracebackType
 
@@ -22,6 +23,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 MIB = 2**20
+
+
+def _tensors(tree: object) -> list[torch.Tensor]:
+    return [leaf for leaf in tree_leaves(tree) if isinstance(leaf, torch.Tensor)]
 
 
 class _StorageCounter(TorchDispatchMode):
@@ -34,15 +39,17 @@ class _StorageCounter(TorchDispatchMode):
         self.peak = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
         for key in [key for key, (ref, _) in self.live.items() if ref.expired()]:
             self.current -= self.live.pop(key)[1]
-        for leaf in tree_leaves(out):
-            if isinstance(leaf, torch.Tensor):
-                storage = leaf.untyped_storage()
-                if storage._cdata not in self.live:
-                    self.live[storage._cdata] = (StorageWeakRef(storage), storage.nbytes())
-                    self.current += storage.nbytes()
+        # Views and in-place results share an input's storage: made before the block, or counted.
+        inputs = {leaf.untyped_storage()._cdata for leaf in _tensors((args, kwargs))}
+        for leaf in _tensors(out):
+            storage = leaf.untyped_storage()
+            if storage._cdata not in self.live and storage._cdata not in inputs:
+                self.live[storage._cdata] = (StorageWeakRef(storage), storage.nbytes())
+                self.current += storage.nbytes()
         self.peak = max(self.peak, self.current)
         return out
 
@@ -88,8 +95,8 @@ def rows_within(
     ``run`` is measured at ``probe`` and ``2 * probe`` rows; the linear fit through the two peaks is
     solved for the cap. Raises ``ValueError`` when even one row would not fit.
     """
-    if not cap_bytes > 0:
-        raise ValueError(f"memory cap: expected a positive size, got {cap_bytes!r} bytes")
+    if not (math.isfinite(cap_bytes) and cap_bytes > 0):
+        raise ValueError(f"memory cap: expected a positive finite size, got {cap_bytes!r} bytes")
     peaks = []
     for rows in (probe, 2 * probe):
         with PeakMemory(device) as peak:

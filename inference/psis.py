@@ -11,17 +11,20 @@ ArviZ is given ``-log p(y_i | theta)`` instead, the reciprocal ratio, and negati
 which tail is fitted.
 
 Discrete codes give tied weights, which ArviZ reads as a failed fit (``k = inf``) when fewer than
-five draws lie strictly above the tail's cutoff. When the ties are at the top (the guide keeps
-drawing its largest weight, at least ~20% of the time or ~3 sqrt(S) times), the weights are
-bounded with an atom at their maximum; the limit of the shape for such a tail is ``-inf``, which is
-what we report. Constant weights, as from a guide equal to the posterior, or from hard VQ's point
-mass, are the extreme case. Fewer than :data:`MIN_SAMPLES` draws leave no tail to fit: ``nan``.
+five draws lie strictly above the tail's cutoff. When the whole tail is tied at the maximum (the
+guide drew its largest weight more than ``M = ceil(min(S / 5, 3 sqrt(S)))`` times in ``S`` draws),
+the weights are bounded with an atom at their maximum; the limit of the shape for such a tail is
+``-inf``, which is what we report. Constant weights, as from a guide equal to the posterior, or from
+hard VQ's point mass, are the extreme case. One to four distinct draws above a tie keep ArviZ's
+``inf``: those few draws dominate the bound. Fewer than :data:`MIN_SAMPLES` draws leave no tail to
+fit: ``nan``.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -33,7 +36,7 @@ MIN_SAMPLES = 21
 THRESHOLDS = (0.5, 0.7)
 
 
-def load_arviz():
+def load_arviz() -> ModuleType:
     """ArviZ, imported on first use (it is slow to import) without its announcement warning."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # ArviZ 0.2x announces its 1.x refactor
@@ -47,16 +50,14 @@ def _tail_size(samples: int) -> int:
 
 
 def _tied_at_top(log_w: np.ndarray) -> np.ndarray:
-    """Rows whose tail, above ArviZ's cutoff, is (up to rounding) a single repeated value."""
+    """Rows whose ``M + 1`` largest draws (ArviZ's tail and its cutoff) all equal the maximum.
+
+    Equal up to float32 rounding of the log-weights, relative to their magnitude.
+    """
+    tolerance = 64 * np.finfo(np.float32).eps * np.maximum(1.0, np.abs(log_w).max(axis=-1))
     relative = log_w - log_w.max(axis=-1, keepdims=True)
-    tolerance = (
-        64 * np.finfo(np.float32).eps * np.maximum(1.0, np.abs(log_w).max(axis=-1, keepdims=True))
-    )
-    relative = np.round(relative / tolerance) * tolerance
-    cutoff = np.sort(relative, axis=-1)[:, -(_tail_size(log_w.shape[-1]) + 1)][:, None]
-    above = (relative > cutoff).sum(axis=-1)
-    finite_cutoff = cutoff[:, 0] >= np.log(np.finfo(float).tiny)
-    return (above <= 4) & finite_cutoff
+    cutoff = np.sort(relative, axis=-1)[:, -(_tail_size(log_w.shape[-1]) + 1)]
+    return cutoff >= -tolerance
 
 
 def pareto_khat(log_weights: Tensor) -> Tensor:
@@ -80,7 +81,8 @@ def khat_summary(khat: Tensor) -> dict:
     """Shares above the thresholds among points with a k-hat, median and largest finite k-hat.
 
     Also counted: ``undefined`` points (too few draws), ``bounded`` ones (``-inf``) and
-    ``unbounded`` ones (``+inf``: ArviZ could not fit a tail spanning more than ~708 nats).
+    ``unbounded`` ones (``+inf``: no tail could be fitted because one to four draws stand above
+    all the rest, or the tail spans more than ~708 nats; either way a few draws dominate).
     """
     defined = khat[~torch.isnan(khat)]
     summary: dict = {

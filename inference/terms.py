@@ -134,9 +134,14 @@ def log_weight(model_trace: Trace, guide_trace: Trace) -> Tensor:
         return site["type"] == "sample" and not site["infer"].get(INTEGRATES_OUT)
 
     total = 0
-    for site in model_trace.nodes.values():
-        if counts(site):
-            total = total + per_example(_log_prob(site), site)
+    for name, site in model_trace.nodes.items():
+        if not counts(site):
+            continue
+        if not site["is_observed"] and name not in guide_trace.nodes:
+            raise ValueError(
+                f"site {name!r}: a model latent the guide does not sample has no importance weight"
+            )
+        total = total + per_example(_log_prob(site), site)
     for site in guide_trace.nodes.values():
         if counts(site) and not site["is_observed"]:
             total = total - per_example(_log_prob(site), site)

@@ -22,7 +22,8 @@ from torch import Tensor, nn
 from probvq.build import build, check_names, load_data, resolve
 from probvq.config import RunConfig, read_config_file
 from probvq.inference import RunDir, diagnose, evaluate, fit, load_checkpoint
-from probvq.inference.checkpoint import write_json
+from probvq.inference.checkpoint import new_directory, write_json
+from probvq.inference.diagnostics import check_settings
 from probvq.inference.export import to_inference_data, write_netcdf
 from probvq.inference.plots import write_plots
 
@@ -177,10 +178,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
 
 
 def diagnose_command(args: argparse.Namespace) -> int:
-    if args.k < 1:
-        raise ValueError(f"--k: expected a positive number of importance samples, got {args.k}")
-    if not args.memory_mib > 0:
-        raise ValueError(f"--memory-mib: expected a positive size, got {args.memory_mib}")
+    check_settings(args.k, args.memory_mib, args.batch_size)
     RunDir.check_new(args.out)
     run, config, state, vae, family, x = _load_run(args)
     found = diagnose(
@@ -194,14 +192,13 @@ def diagnose_command(args: argparse.Namespace) -> int:
         progress=_progress(args),
         keep_log_weights=args.save_log_weights,
     )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     records = run.read_log()
     summary = {**_report(args, run, config, state), **found.summary()}
-    write_netcdf(out / "diagnostics.nc", to_inference_data(found, records, config.to_dict()))
-    plots = write_plots(found, records, out / "plots")
-    summary["files"] = ["diagnostics.nc", *(str(p.relative_to(out)) for p in plots)]
-    write_json(out / "summary.json", summary)
+    with new_directory(args.out) as out:  # all files or none: a failure leaves no partial directory
+        write_netcdf(out / "diagnostics.nc", to_inference_data(found, records, config.to_dict()))
+        plots = write_plots(found, records, out / "plots")
+        summary["files"] = ["diagnostics.nc", *(str(p.relative_to(out)) for p in plots)]
+        write_json(out / "summary.json", summary)
     print(json.dumps(summary))
     return 0
 

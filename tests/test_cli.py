@@ -81,8 +81,10 @@ def test_diagnose_writes_summary_netcdf_and_plots(run_dir, tmp_path, capsys):
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--k", "0"], "--k: expected"),
-        (["--memory-mib", "-1"], "--memory-mib"),
+        (["--k", "0"], "k: expected"),
+        (["--memory-mib", "-1"], "memory_mib"),
+        (["--memory-mib", "inf"], "memory_mib"),
+        (["--batch-size", "0"], "batch_size"),
         (["--limit", "0"], "--limit"),
     ],
 )
@@ -91,6 +93,21 @@ def test_diagnose_refuses_bad_settings_before_any_work(run_dir, tmp_path, capsys
     assert main(["diagnose", str(run_dir), "--out", str(out), "--quiet", *flags]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_diagnose_that_fails_midway_leaves_nothing_behind(run_dir, tmp_path, monkeypatch, capsys):
+    import probvq.cli
+
+    def broken(*args):
+        raise ValueError("plotting failed")
+
+    monkeypatch.setattr(probvq.cli, "write_plots", broken)
+    out = tmp_path / "diag"
+    assert (
+        main(["diagnose", str(run_dir), "--k", "30", "--limit", "4", "--out", str(out), "--quiet"]) == 2
+    )
+    assert "plotting failed" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_existing_run_is_never_overwritten(run_dir, capsys):

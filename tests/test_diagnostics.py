@@ -63,7 +63,7 @@ def test_every_family_reports_bounds_khat_and_usage(diagnosed):
         assert torch.allclose(found.bound, found.terms.exact.double(), atol=1e-3)
         assert summary["pareto_khat"]["bounded"] == 12
     else:
-        assert (found.bound >= found.iwae[1] - 1e-6).float().mean() > 0.5
+        assert found.bound.mean() > found.iwae[1].mean()
     if name == "sq":  # the weights integrate z~ out: above SQ's ELBO by its Gaussian term
         assert found.mean_log_weight.mean() > found.terms.exact.mean()
 
@@ -104,6 +104,9 @@ def test_a_user_program_with_stacked_families():
     [
         ({"k": 0}, "k: expected"),
         ({"memory_mib": 0}, "memory_mib: expected"),
+        ({"memory_mib": float("inf")}, "memory_mib: expected"),
+        ({"batch_size": 0}, "batch_size: expected"),
+        ({"examples": 0}, "examples: expected"),
         ({"x": torch.zeros(0, 1, 28, 28)}, "non-empty"),
         ({"x": torch.full((2, 1, 28, 28), float("nan"))}, "NaN"),
     ],

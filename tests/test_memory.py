@@ -23,6 +23,15 @@ def test_views_share_their_storage():
     assert views and peak.bytes == 1_000_000
 
 
+def test_views_of_storage_made_before_the_block_cost_nothing():
+    weight = torch.nn.Linear(1000, 1000).weight
+    with torch.no_grad(), PeakMemory() as peak:
+        flat = weight.view(-1)
+        transposed = weight.t()
+        weight.mul_(1.0)
+    assert flat.numel() and transposed.numel() and peak.bytes == 0
+
+
 def test_rows_within_solves_the_linear_fit_for_the_cap():
     def run(rows):
         return torch.zeros(rows, 256) + 1  # two live (rows, 256) float tensors: 2 KiB per row
@@ -36,5 +45,6 @@ def test_rows_within_solves_the_linear_fit_for_the_cap():
 def test_a_cap_too_small_for_one_row_is_refused():
     with pytest.raises(ValueError, match="too small"):
         rows_within(1000, lambda rows: torch.zeros(rows, 1024), "cpu")
-    with pytest.raises(ValueError, match="positive"):
-        rows_within(0, lambda rows: None, "cpu")
+    for cap in (0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="positive finite"):
+            rows_within(cap, lambda rows: None, "cpu")

@@ -92,6 +92,14 @@ def test_ties_at_the_top_are_bounded_but_ties_below_a_spread_tail_are_not():
     assert torch.isfinite(pareto_khat(spread[None])).all()
 
 
+@pytest.mark.parametrize("outliers", [1, 4])
+def test_a_few_distinct_draws_above_a_tie_are_not_called_bounded(outliers):
+    """They carry nearly all the weight: the opposite of a bounded tail."""
+    log_w = torch.zeros(1000, dtype=torch.float64)
+    log_w[:outliers] = torch.linspace(6.0, 10.0, outliers)
+    assert pareto_khat(log_w[None]).item() == math.inf
+
+
 def test_too_few_samples_have_no_khat():
     khat = pareto_khat(torch.randn(3, MIN_SAMPLES - 1))
     assert torch.isnan(khat).all()

@@ -2,7 +2,8 @@
 
 The model is plain Pyro plus ``probvq.code``. The top layer is inferred by stochastic quantisation,
 the bottom layer by relaxed responsibilities (whose mixing weights are the top-down prior), by
-stacking two families that each claim one site. Run: ``python examples/two_level_program.py``.
+stacking two families that each claim one site; then the diagnostics (importance-weighted bound,
+PSIS k-hat) of the stacked pair. Run: ``python examples/two_level_program.py``.
 """
 
 import argparse
@@ -15,7 +16,7 @@ from torch import nn
 from probvq import DATA_PLATE, Codebook, CodeSite, code
 from probvq.config import RunConfig
 from probvq.data import synthetic
-from probvq.inference import RR, SQ, FamilyStack, evaluate, fit
+from probvq.inference import RR, SQ, FamilyStack, diagnose, evaluate, fit
 
 
 class TwoLevel(nn.Module):
@@ -76,6 +77,12 @@ def main() -> None:
         print(f"step {record['step']:4d}  exact ELBO {valid['exact_elbo']['mean']:8.2f}  rates {rates}")
     result = evaluate(vae, families, valid_x)
     print("perplexity per site:", {k: round(v, 1) for k, v in result["perplexity"].items()})
+    summary = diagnose(vae, families, valid_x[:50], k=200, seed=args.seed).summary()
+    iwae, khat = summary["iwae"], summary["pareto_khat"]
+    print(
+        f"IWAE_200 {iwae['mean']:.2f} (ELBO + {iwae['minus_exact_elbo']['mean']:.2f}), "
+        f"PSIS k-hat > 0.7 for {100 * khat['share_above_0.7']:.0f}% of 50 images"
+    )
 
 
 if __name__ == "__main__":

@@ -81,12 +81,11 @@ def evaluation(vae: DiscreteVAE, family: GuideFamily | FamilyStack, seed: int) -
             m.train(mode)
 
 
-def batches(x: Tensor, batch_size: int, progress: bool, desc: str = "evaluate") -> Iterable[Tensor]:
-    """Consecutive slices of ``x``, with a progress bar over them when ``progress``."""
+def _batches(x: Tensor, batch_size: int, progress: bool) -> Iterable[Tensor]:
     if batch_size < 1:
         raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
     starts = range(0, x.shape[0], batch_size)
-    for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
+    for start in tqdm(starts, desc="evaluate", disable=not progress, leave=False):
         yield x[start : start + batch_size]
 
 
@@ -127,7 +126,7 @@ def point_terms(
     usage: dict[str, Tensor] = {}
     dims = 0
     with evaluation(vae, family, seed) as device:
-        for batch in batches(x, batch_size, progress):
+        for batch in _batches(x, batch_size, progress):
             batch = batch.to(device)
             with family.exact():
                 model_trace, guide_trace = run_traces(model, guide, batch)

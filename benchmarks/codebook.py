@@ -10,18 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
-import sys
 import time
 
 import torch
 
-from common import write_result
-
-
-def peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from common import peak_rss_mib, run_child, write_result
 
 
 def measure(method: str, codes: int, dim: int, rows: int, seed: int) -> dict:
@@ -30,7 +23,7 @@ def measure(method: str, codes: int, dim: int, rows: int, seed: int) -> dict:
     torch.manual_seed(seed)
     book = Codebook(codes, dim, init="normal")
     z = torch.randn(rows, dim)
-    base = peak_mib()
+    base = peak_rss_mib()
     start = time.perf_counter()
     with torch.no_grad():
         if method == "chunked":
@@ -42,7 +35,7 @@ def measure(method: str, codes: int, dim: int, rows: int, seed: int) -> dict:
     return {
         "method": method,
         "seconds": seconds,
-        "peak_extra_mib": peak_mib() - base,
+        "peak_extra_mib": peak_rss_mib() - base,
         "checksum": int(index[:1000].sum()),
     }
 
@@ -61,11 +54,9 @@ def main() -> None:
         return
     runs = {}
     for method in ("chunked", "full"):
-        command = [sys.executable, __file__, "--child", method]
-        command += ["--codes", str(args.codes), "--dim", str(args.dim), "--rows", str(args.rows)]
-        command += ["--seed", str(args.seed)]
-        out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-        runs[method] = json.loads(out)
+        options = ["--child", method, "--codes", str(args.codes), "--dim", str(args.dim)]
+        options += ["--rows", str(args.rows), "--seed", str(args.seed)]
+        runs[method] = run_child(__file__, options)
     if runs["chunked"]["checksum"] != runs["full"]["checksum"]:
         raise SystemExit("chunked and full search disagree")
     result = {

@@ -15,20 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pyro
 import torch
 
-from common import write_result
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from common import peak_rss_mib, run_child, write_result
 
 
 def build_model(family: str, run: str | None, seed: int):
@@ -114,12 +107,10 @@ def main() -> None:
     runs = []
     for family in args.families:
         for mib in args.memory_mib:
-            command = [sys.executable, __file__, "--child", family, str(mib), "--k", str(args.k)]
-            command += ["--points", str(args.points), "--seed", str(args.seed)]
-            command += ["--run", args.run] if args.run else []
-            out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-            runs.append(json.loads(out.strip().splitlines()[-1]))
-            run = runs[-1]
+            options = ["--child", family, str(mib), "--k", str(args.k), "--points", str(args.points)]
+            options += ["--seed", str(args.seed), *(["--run", args.run] if args.run else [])]
+            run = run_child(__file__, options)
+            runs.append(run)
             print(
                 f"{family:3s} cap {mib:6.0f} MiB: {run['samples_per_second']:8.0f} samples/s "
                 f"({run['ratio_to_forward']:.2f} of the bare forward), "

@@ -1,29 +1,49 @@
-"""Guide families, objectives, training, evaluation and checkpoints (``probvq.inference``)."""
+"""Guide families, objectives, training, evaluation and diagnostics (``probvq.inference``).
 
-from .checkpoint import RunDir, load_checkpoint, save_checkpoint
+* :mod:`.families`: the guide families, one file each, and their registry;
+* :mod:`.objectives`: ELBO terms from traces, the training ELBO, evaluation, importance weights;
+* :mod:`.training`: ``fit`` and checkpoints;
+* :mod:`.diagnostics`: IWAE, PSIS, memory caps, ArviZ export and plots.
+"""
+
 from .diagnostics import Diagnostics, diagnose
-from .evaluate import PointTerms, evaluate, point_terms
-from .family import FamilyStack, GuideFamily, regulariser
-from .relaxed import GaussianQuantiser, RelaxedFamily, TemperatureSchedule
-from .rr import RR
-from .sq import SQ
-from .terms import ElboTerms, code_indices, elbo_terms, run_traces
-from .train import TrainResult, fit
-from .vq import VQ
-
-FAMILIES: dict[str, type[GuideFamily]] = {"vq": VQ, "sq": SQ, "rr": RR}
+from .families import (
+    FAMILIES,
+    RR,
+    SQ,
+    VQ,
+    FamilyStack,
+    GaussianQuantiser,
+    GuideFamily,
+    RelaxedBernoulli,
+    RelaxedFamily,
+    TemperatureSchedule,
+)
+from .objectives import (
+    CodeELBO,
+    ElboTerms,
+    PointTerms,
+    code_indices,
+    elbo_terms,
+    evaluate,
+    point_terms,
+    run_traces,
+)
+from .training import RunDir, TrainResult, fit, load_checkpoint, save_checkpoint
 
 __all__ = [
     "FAMILIES",
     "RR",
     "SQ",
     "VQ",
+    "CodeELBO",
     "Diagnostics",
     "ElboTerms",
     "FamilyStack",
     "GaussianQuantiser",
     "GuideFamily",
     "PointTerms",
+    "RelaxedBernoulli",
     "RelaxedFamily",
     "RunDir",
     "TemperatureSchedule",
@@ -35,7 +55,6 @@ __all__ = [
     "fit",
     "load_checkpoint",
     "point_terms",
-    "regulariser",
     "run_traces",
     "save_checkpoint",
 ]

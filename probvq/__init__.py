@@ -1,28 +1,41 @@
 """probvq: hierarchical discrete VAEs as explicit Pyro programs.
 
-The core vocabulary lives here (code spaces, codebooks, code distributions, the code-site protocol,
-likelihoods, networks, data). Models are in :mod:`probvq.models`, guide families, training and
-evaluation in :mod:`probvq.inference`; :func:`probvq.build.build` composes them.
+The core vocabulary lives here (code spaces, codebooks, code distributions, priors and rates, the
+code-site protocol, between-step hooks, likelihoods, networks, data). Models are in
+:mod:`probvq.models`, guide families, training and evaluation in :mod:`probvq.inference`;
+:func:`probvq.build.build` composes them.
 """
 
 from probvq.codebook import Codebook, perplexity
 from probvq.codes import CodeCategorical, CodePoint, Concrete, StraightThrough
-from probvq.sites import DATA_PLATE, CodeRequest, CodeSite, code
+from probvq.factors import prior_factor, regulariser
+from probvq.hooks import after_step, before_run
+from probvq.priors import AutoregressivePrior, EnergyPrior
+from probvq.rates import rate
+from probvq.sites import DATA_PLATE, CodeGroup, CodeRequest, CodeSite, code
 from probvq.spaces import BinaryUnits, CodeSpace
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "DATA_PLATE",
+    "AutoregressivePrior",
     "BinaryUnits",
     "CodeCategorical",
+    "CodeGroup",
     "CodePoint",
     "CodeRequest",
     "CodeSite",
     "CodeSpace",
     "Codebook",
     "Concrete",
+    "EnergyPrior",
     "StraightThrough",
+    "after_step",
+    "before_run",
     "code",
     "perplexity",
+    "prior_factor",
+    "rate",
+    "regulariser",
 ]

@@ -13,18 +13,12 @@ from torch import nn
 from probvq.codebook import INITIALISERS
 from probvq.config import RunConfig
 from probvq.data import Dataset, load, synthetic
-from probvq.inference import FAMILIES, GuideFamily, TemperatureSchedule
+from probvq.inference import FAMILIES, GuideFamily
 from probvq.likelihoods import LIKELIHOODS, likelihood_for, make_likelihood
 from probvq.models import VQVAE
 from probvq.models.vqvae import PRIORS
 
 MODELS = {"vqvae": VQVAE}
-
-DEFAULT_CODEBOOK_INIT = {"vq": "kmeans", "sq": "normal", "rr": "kmeans"}
-"""``codebook_init="auto"``: k-means on the first batch for VQ and RR; for SQ a unit normal table,
-as in Takida et al.'s code: codes fitted to the tiny initial encoder outputs leave every distance
-far below ``2 s^2``, q starts uniform and the dequantisation term keeps it there."""
-
 
 def check_names(config: RunConfig) -> None:
     """Refuse unknown model, family, likelihood, prior and initialiser names (no data needed)."""
@@ -40,11 +34,26 @@ def check_names(config: RunConfig) -> None:
             raise ValueError(f"{name}: expected one of {allowed}, got {getattr(config, name)!r}")
 
 
-def resolve(config: RunConfig, dataset: Dataset) -> RunConfig:
-    """Check the names in ``config`` and fill in its ``auto`` choices for ``dataset``."""
+def resolve_family(config: RunConfig) -> RunConfig:
+    """Check the names in ``config`` and complete its family's settings from the registry.
+
+    ``codebook_init="auto"`` becomes what the family registered (k-means on the first batch for VQ
+    and RR; for SQ a unit normal table, as in Takida et al.'s code, because codes fitted to the tiny
+    initial encoder outputs leave every distance far below ``2 s^2``: q starts uniform and the
+    dequantisation term keeps it there).
+    """
     check_names(config)
+    spec = FAMILIES[config.family]
+    settings = spec.resolve(config.family_settings, source=f"[{config.family}]")
+    config = replace(config, family_settings=settings)
     if config.codebook_init == "auto":
-        config = replace(config, codebook_init=DEFAULT_CODEBOOK_INIT[config.family])
+        config = replace(config, codebook_init=spec.codebook_init)
+    return config
+
+
+def resolve(config: RunConfig, dataset: Dataset) -> RunConfig:
+    """Check ``config`` and fill in its family's settings and its ``auto`` choices for ``dataset``."""
+    config = resolve_family(config)
     if config.likelihood == "auto":
         config = replace(config, likelihood=likelihood_for(dataset.kind))
     return config
@@ -80,16 +89,7 @@ def build_model(config: RunConfig, dataset: Dataset) -> nn.Module:
 
 def build_family(config: RunConfig, vae: nn.Module) -> GuideFamily:
     """The guide family named by ``config`` for ``vae``'s code sites."""
-    sites = vae.code_sites
-    if config.family == "vq":
-        return FAMILIES["vq"](sites, beta=config.beta, ema=config.ema, decay=config.ema_decay)
-    schedule = TemperatureSchedule(config.temperature, config.anneal_rate, config.temperature_min)
-    return FAMILIES[config.family](
-        sites,
-        init_var=config.init_var,
-        temperature=schedule,
-        straight_through=config.straight_through,
-    )
+    return FAMILIES[config.family].build(vae.code_sites, config.family_settings)
 
 
 def build(config: RunConfig, dataset: Dataset) -> tuple[nn.Module, GuideFamily]:

@@ -19,17 +19,16 @@ import pyro
 import torch
 from torch import Tensor, nn
 
-from probvq.build import build, check_names, load_data, resolve
+from probvq.build import build, load_data, resolve, resolve_family
 from probvq.config import RunConfig, read_config_file
-from probvq.inference import RunDir, diagnose, evaluate, fit, load_checkpoint
-from probvq.inference.checkpoint import new_directory, write_json
+from probvq.inference import FAMILIES, RunDir, diagnose, evaluate, fit, load_checkpoint
 from probvq.inference.diagnostics import check_settings
-from probvq.inference.export import to_inference_data, write_netcdf
-from probvq.inference.plots import write_plots
+from probvq.inference.diagnostics.export import to_inference_data, write_netcdf
+from probvq.inference.diagnostics.plots import write_plots
+from probvq.inference.training.checkpoint import new_directory, write_json
 
 HELP = {
     "model": "model to train (vqvae)",
-    "family": "guide family: vq (hard VQ), sq (stochastic quantisation), rr (relaxed responsibilities)",
     "num_codes": "codebook size K",
     "code_dim": "code dimension D",
     "grid": "side of the latent grid (image side / grid must be a power of two)",
@@ -39,14 +38,6 @@ HELP = {
     "prior": "uniform or learned prior over codes",
     "codebook_init": "auto, normal, uniform, data or kmeans",
     "restart_threshold": "restart codes whose usage EMA falls below this (0: never)",
-    "beta": "vq: commitment weight",
-    "ema": "vq: learn the codebook by exponential moving averages",
-    "ema_decay": "vq: EMA decay",
-    "init_var": "sq/rr: initial quantisation variance",
-    "temperature": "sq/rr: initial Concrete temperature tau_0",
-    "temperature_min": "sq/rr: smallest temperature",
-    "anneal_rate": "sq/rr: temperature decay rate lambda (tau_t = tau_0 exp(-lambda t))",
-    "straight_through": "sq/rr: hard forward samples with a Concrete gradient",
     "data": "dataset file or directory (.amat, .npz/.npy, MNIST idx, CIFAR-10 batches)",
     "dataset": "built-in dataset when --data is not given: synthetic or synthetic-rgb",
     "train_limit": "use only the first N training examples",
@@ -71,24 +62,59 @@ def _scalar_type(hint: object) -> type:
     return hint  # type: ignore[return-value]
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_flag(parser: argparse.ArgumentParser, name: str, kind: type, helptext: str) -> None:
+    if kind is bool:
+        parser.add_argument(_flag(name), action=argparse.BooleanOptionalAction, help=helptext)
+    else:
+        parser.add_argument(_flag(name), type=kind, help=helptext)
+
+
+def family_flags() -> dict[str, list[str]]:
+    """Each family setting's name and the registered families that have it."""
+    owners: dict[str, list[str]] = {}
+    for spec in FAMILIES.values():
+        for name in spec.settings:
+            owners.setdefault(name, []).append(spec.name)
+    return owners
+
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="TOML or JSON file of settings (flags override it)")
     hints = typing.get_type_hints(RunConfig)
+    listing = "; ".join(f"{spec.name}: {spec.summary}" for spec in FAMILIES.values())
+    parser.add_argument(
+        "--family", choices=list(FAMILIES), help=f"guide family ({listing}) (default: vq)"
+    )
     for f in fields(RunConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kind = _scalar_type(hints[f.name])
-        helptext = f"{HELP[f.name]} (default: {f.default})"
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=helptext)
-        else:
-            parser.add_argument(flag, type=kind, help=helptext)
+        if f.name in ("family", "family_settings"):
+            continue
+        _add_flag(parser, f.name, _scalar_type(hints[f.name]), f"{HELP[f.name]} (default: {f.default})")
+    group = parser.add_argument_group("family settings (each applies to the families named)")
+    for name, owners in family_flags().items():
+        first = FAMILIES[owners[0]].settings[name]
+        defaults = ", ".join(f"{o} {FAMILIES[o].settings[name].default}" for o in owners)
+        _add_flag(group, name, first.type, f"{'/'.join(owners)}: {first.help} (default: {defaults})")
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     values = read_config_file(args.config) if args.config else {}
     RunConfig.from_dict(values, source=f"--config {args.config}")
-    flags = {f.name: getattr(args, f.name) for f in fields(RunConfig)}
+    flags = {f.name: getattr(args, f.name) for f in fields(RunConfig) if f.name != "family_settings"}
     values.update({name: value for name, value in flags.items() if value is not None})
+    family = values.get("family", RunConfig.family)
+    for name, owners in family_flags().items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if family not in owners:
+            raise ValueError(
+                f"{_flag(name)}: a setting of {'/'.join(owners)}, not of the chosen family {family!r}"
+            )
+        values.setdefault(family, {})[name] = value
     return RunConfig.from_dict(values)
 
 
@@ -102,8 +128,7 @@ def _check_device(device: str) -> None:
 
 
 def train_command(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
-    check_names(config)
+    config = resolve_family(config_from_args(args))
     _check_device(config.device)
     out = config.out or f"runs/{config.model}-{config.family}-{time.strftime('%Y%m%d-%H%M%S')}"
     RunDir.check_new(out)

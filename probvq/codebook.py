@@ -19,7 +19,6 @@ table never changes under an autograd graph that still needs it:
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Iterator
 
 import torch
@@ -30,9 +29,30 @@ from probvq.spaces import CodeSpace
 
 INITIALISERS = ("normal", "uniform", "data", "kmeans")
 
+_EXACT_INTEGERS = {torch.float16: 2**11, torch.bfloat16: 2**8, torch.float32: 2**24}
+"""Up to which count each float type holds every integer (the index channel of a code)."""
+
+
+class _Codes(constraints.Constraint):
+    """Codes of a codebook: ``(..., D + 1)``, the embedding and an integral index in ``[0, K)``."""
+
+    event_dim = 1
+
+    def __init__(self, num_codes: int) -> None:
+        super().__init__()
+        self.num_codes = num_codes
+
+    def check(self, value: Tensor) -> Tensor:
+        index = value[..., -1]
+        return (index == index.round()) & (index >= 0) & (index < self.num_codes)
+
 
 class Codebook(CodeSpace):
     """K learnable embeddings of dimension D.
+
+    A code site over a codebook holds codes ``(..., D + 1)``: the value a program reads (an
+    embedding, or a relaxed mixture of embeddings) and, in the last channel, the index of the code
+    it stands for (see :mod:`probvq.spaces`).
 
     Args:
         num_codes: K >= 2.
@@ -44,8 +64,6 @@ class Codebook(CodeSpace):
         usage_decay: decay of the usage EMA.
         chunk_elements: element budget of one chunk of the N x K distance computation.
     """
-
-    support = constraints.independent(constraints.real, 1)
 
     def __init__(
         self,
@@ -70,6 +88,8 @@ class Codebook(CodeSpace):
         self.num_codes = int(num_codes)
         self.dim = int(dim)
         self.value_shape = torch.Size([self.dim])
+        self.code_shape = torch.Size([self.dim + 1])
+        self.support = _Codes(self.num_codes)
         self.init = init
         self.restart_threshold = float(restart_threshold)
         self.usage_decay = float(usage_decay)
@@ -84,14 +104,12 @@ class Codebook(CodeSpace):
         # that receives no data keeps its place instead of collapsing to the origin.
         self.register_buffer("ema_count", torch.ones(self.num_codes))
         self.register_buffer("ema_sum", weight.clone())
-        self._memo: dict[int, tuple[weakref.ref, Tensor]] = {}
         self._pending: tuple[Tensor, Tensor, Tensor] | None = None
 
     def __getstate__(self) -> dict:
-        # The memo holds weak references and the pending statistics belong to an unfinished step;
-        # neither is part of the codebook's state.
+        # The pending statistics belong to an unfinished step, not to the codebook's state.
         state = self.__dict__.copy()
-        state["_memo"], state["_pending"] = {}, None
+        state["_pending"] = None
         return state
 
     def extra_repr(self) -> str:
@@ -146,18 +164,18 @@ class Codebook(CodeSpace):
     def embed_index(self, index: Tensor) -> Tensor:
         return nn.functional.embedding(index, self.weight)
 
-    def remember(self, value: Tensor, index: Tensor) -> None:
-        if len(self._memo) > 64:
-            self._memo = {k: v for k, v in self._memo.items() if v[0]() is not None}
-        self._memo[id(value)] = (weakref.ref(value), index)
+    def to_code(self, value: Tensor, index: Tensor) -> Tensor:
+        if self.num_codes > _EXACT_INTEGERS.get(value.dtype, 2**53):
+            raise ValueError(
+                f"dtype: {value.dtype} cannot hold code indices up to K={self.num_codes} exactly"
+            )
+        return torch.cat([value, index.detach().unsqueeze(-1).to(value.dtype)], -1)
 
-    def index_of(self, value: Tensor) -> Tensor:
-        # Values this codebook's distributions drew are remembered (weakly), so scoring a code it
-        # just emitted costs no distance computation; any other value is quantised afresh.
-        entry = self._memo.get(id(value))
-        if entry is not None and entry[0]() is value:
-            return entry[1]
-        return self.nearest(value)
+    def value_of(self, code: Tensor) -> Tensor:
+        return code[..., : self.dim]
+
+    def index_of(self, code: Tensor) -> Tensor:
+        return code[..., self.dim].detach().long()
 
     # -- initialisation --------------------------------------------------------------------
 

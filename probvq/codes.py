@@ -1,12 +1,14 @@
 """Distributions over the codes of a :class:`~probvq.spaces.CodeSpace`.
 
-Both distributions are categorical over K codes at each position; their *values* are what the codes
-stand for (embeddings, or unit states). They fix three Pyro sharp edges by construction:
+Both distributions are categorical over K codes at each position; their samples are *codes* (what
+the code stands for, with its index: see :mod:`probvq.spaces`). They fix three Pyro sharp edges by
+construction:
 
-* ``log_prob`` is the exact categorical log-probability of the code a value stands for, never a
-  relaxed density (``RelaxedOneHotCategoricalStraightThrough`` scores the relaxed sample instead);
-* the support is the space's value space, so a relaxed value passes Pyro's validation at a model
-  site (``OneHotCategorical`` rejects it);
+* ``log_prob`` is the exact categorical log-probability of the code a sample names, never a relaxed
+  density (``RelaxedOneHotCategoricalStraightThrough`` scores the relaxed sample instead), and a
+  pure function of the code;
+* the support is the space's codes, so a relaxed code passes Pyro's validation at a model site
+  (``OneHotCategorical`` rejects it);
 * ``KL(q || p)`` is registered analytically against a categorical prior over the same space, so
   ``TraceMeanField_ELBO`` uses the exact per-position KL.
 
@@ -19,9 +21,7 @@ How ``rsample`` reparameterises is the family's choice, passed as a rule:
   is the hard code and the gradient that of ``w``.
 
 Either way the code behind a relaxed value is ``argmax_k (l_k + g_k)``, an exact draw from the
-categorical (the Gumbel-max trick). The space remembers it for the value tensor it drew (by
-identity, weakly), so ``log_prob`` of that tensor scores the drawn code; any other value, including
-a copy of a relaxed one, stands for its nearest codebook row.
+categorical (the Gumbel-max trick), and the sample carries that index.
 """
 
 from __future__ import annotations
@@ -85,8 +85,8 @@ def gumbel_like(logits: Tensor) -> Tensor:
 class CodeCategorical(TorchDistribution):
     """Categorical over a space's codes at each position, with logits ``(..., K)``.
 
-    Values have shape ``batch_shape + space.value_shape``; ``rule`` (a :data:`ReparamRule`) makes
-    it reparameterisable, without one it samples exactly and has no ``rsample``.
+    Samples are codes of shape ``batch_shape + space.code_shape``; ``rule`` (a :data:`ReparamRule`)
+    makes it reparameterisable, without one it samples exactly and has no ``rsample``.
     """
 
     # Logits may be -inf (impossible codes); validation rejects NaN only, and checks the numbers
@@ -107,7 +107,7 @@ class CodeCategorical(TorchDistribution):
         self.logits = logits
         self.space = space
         self.rule = rule
-        super().__init__(logits.shape[:-1], space.value_shape, validate_args=validate_args)
+        super().__init__(logits.shape[:-1], space.code_shape, validate_args=validate_args)
         if self._validate_args and torch.isnan(broadcast_base(logits)).any():
             raise ValueError("logits: the code logits contain NaN")
 
@@ -127,7 +127,7 @@ class CodeCategorical(TorchDistribution):
         batch_shape = torch.Size(batch_shape)
         rule = self.rule
         if isinstance(rule, StraightThrough):
-            rule = StraightThrough(rule.anchor.expand(batch_shape + self.event_shape))
+            rule = StraightThrough(rule.anchor.expand(batch_shape + self.space.value_shape))
         logits = self.logits.expand((*batch_shape, self.space.num_codes))
         return CodeCategorical(logits, self.space, rule, validate_args=False)
 
@@ -140,9 +140,7 @@ class CodeCategorical(TorchDistribution):
     def sample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:
         with torch.no_grad():
             _, index = self._draw(torch.Size(sample_shape))
-            value = self.space.embed_index(index)
-        self.space.remember(value, index)
-        return value
+            return self.space.code_of_index(index)
 
     def rsample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:
         if self.rule is None:
@@ -157,8 +155,7 @@ class CodeCategorical(TorchDistribution):
                 one_hot = torch.nn.functional.one_hot(index, self.space.num_codes).to(weights)
                 weights = one_hot + (weights - weights.detach())
             value = self.space.embed(weights)
-        self.space.remember(value, index)
-        return value
+        return self.space.to_code(value, index)
 
     def log_prob(self, value: Tensor) -> Tensor:
         if self._validate_args:
@@ -176,7 +173,8 @@ class CodePoint(TorchDistribution):
     """A point mass on code ``index`` at each position: hard vector quantisation's posterior.
 
     Stored as indices rather than logits, so even K = 65,536 codes cost nothing per position.
-    ``anchor`` gives the straight-through ``rsample``; without it the value is the plain code.
+    ``anchor`` gives the straight-through ``rsample`` (``anchor + sg(e_k - anchor)``); without it
+    ``rsample`` is the plain code, a value no parameter moves (the residual depths of a code group).
     """
 
     arg_constraints: dict = {}
@@ -191,38 +189,31 @@ class CodePoint(TorchDistribution):
         self.index = index
         self.space = space
         self.anchor = anchor
-        super().__init__(index.shape, space.value_shape, validate_args=validate_args)
+        super().__init__(index.shape, space.code_shape, validate_args=validate_args)
 
     @property
     def support(self) -> constraints.Constraint:
         return self.space.support
 
-    @property
-    def has_rsample(self) -> bool:
-        return self.anchor is not None
+    has_rsample = True
 
     def expand(self, batch_shape: torch.Size, _instance=None) -> CodePoint:
         batch_shape = torch.Size(batch_shape)
-        anchor = None if self.anchor is None else self.anchor.expand(batch_shape + self.event_shape)
+        anchor = self.anchor
+        if anchor is not None:
+            anchor = anchor.expand(batch_shape + self.space.value_shape)
         return CodePoint(self.index.expand(batch_shape), self.space, anchor, validate_args=False)
-
-    def _value(self, sample_shape: torch.Size) -> tuple[Tensor, Tensor]:
-        index = self.index.expand(torch.Size(sample_shape) + self.index.shape)
-        return index, self.space.embed_index(index)
 
     def sample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:
         with torch.no_grad():
-            index, value = self._value(sample_shape)
-        self.space.remember(value, index)
-        return value
+            return self.space.code_of_index(self.index.expand(torch.Size(sample_shape) + self.index.shape))
 
     def rsample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:
+        index = self.index.expand(torch.Size(sample_shape) + self.index.shape)
+        hard = self.space.embed_index(index)
         if self.anchor is None:
-            raise NotImplementedError("this point mass was built without a straight-through anchor")
-        index, hard = self._value(sample_shape)
-        value = self.anchor + (hard - self.anchor).detach()
-        self.space.remember(value, index)
-        return value
+            return self.space.to_code(hard.detach(), index)
+        return self.space.to_code(self.anchor + (hard - self.anchor).detach(), index)
 
     def log_prob(self, value: Tensor) -> Tensor:
         if self._validate_args:
@@ -250,12 +241,17 @@ def _check_same_space(q: CodeCategorical | CodePoint, p: CodeCategorical) -> Non
         )
 
 
+def categorical_kl(q_logits: Tensor, p_logits: Tensor) -> Tensor:
+    """``sum_k q_k (log q_k - log p_k)`` from logits ``(..., K)``; codes q rules out add nothing."""
+    log_q = normalised_logits(q_logits)
+    return _expectation(log_q.exp(), log_q - normalised_logits(p_logits))
+
+
 @register_kl(CodeCategorical, CodeCategorical)
 def _kl_categorical_categorical(q: CodeCategorical, p: CodeCategorical) -> Tensor:
-    """``sum_k q_k (log q_k - log p_k)``; codes q rules out contribute nothing."""
+    """``sum_k q_k (log q_k - log p_k)`` per position."""
     _check_same_space(q, p)
-    log_q = q.log_probs
-    return _expectation(log_q.exp(), log_q - p.log_probs)
+    return categorical_kl(q.logits, p.logits)
 
 
 @register_kl(CodePoint, CodeCategorical)

@@ -1,6 +1,9 @@
-"""One run's settings: model, guide family, data and training, as a flat, serialisable record.
+"""One run's settings: model, guide family, data and training, as a serialisable record.
 
-Values come from defaults, then a ``--config`` file (TOML or JSON), then command-line flags.
+Values come from defaults, then a ``--config`` file (TOML or JSON), then command-line flags. The
+guide family's own settings form a section named after it (``[sq]`` in TOML, ``"sq": {...}`` in
+JSON); which settings a family has is the family registry's business
+(:mod:`probvq.inference.families.registry`), checked by :func:`probvq.build.resolve`.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import math
 import tomllib
 import types
 import typing
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +31,9 @@ class RunConfig:
     prior: str = "uniform"
     codebook_init: str = "auto"
     restart_threshold: float = 0.0
-    # guide family
+    # guide family, and its section of settings (the family's defaults where not given)
     family: str = "vq"
-    beta: float = 0.25
-    ema: bool = False
-    ema_decay: float = 0.99
-    init_var: float = 1.0
-    temperature: float = 1.0
-    temperature_min: float = 0.1
-    anneal_rate: float = 1e-4
-    straight_through: bool = False
+    family_settings: dict[str, Any] = field(default_factory=dict)
     # data
     data: str | None = None
     dataset: str = "synthetic"
@@ -71,16 +67,14 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name}: expected a positive integer or nothing, got {value}")
-        for name in ("lr", "clip_norm", "temperature", "temperature_min", "init_var"):
+        for name in ("lr", "clip_norm"):
             value = getattr(self, name)
             if not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name}: expected a positive number, got {value!r}")
-        for name in ("beta", "anneal_rate", "restart_threshold"):
+        for name in ("restart_threshold",):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name}: expected a non-negative number, got {value!r}")
-        if not 0.0 < self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay: must lie in (0, 1), got {self.ema_decay!r}")
 
     def _check_types(self) -> None:
         for name, hint in typing.get_type_hints(type(self)).items():
@@ -88,6 +82,8 @@ class RunConfig:
             allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
             if value is None and type(None) in allowed:
                 continue
+            if typing.get_origin(hint) is dict:
+                allowed = (dict,)
             kind = next(t for t in allowed if t is not type(None))
             ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
             if kind is float and isinstance(value, int) and not isinstance(value, bool):
@@ -96,15 +92,29 @@ class RunConfig:
                 raise ValueError(f"{name}: expected {kind.__name__}, got {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain values; the family's settings under the family's name."""
+        values = asdict(self)
+        values[self.family] = values.pop("family_settings")
+        return values
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> RunConfig:
-        known = {f.name for f in fields(cls)}
+        """The inverse of :meth:`to_dict`: the section named by ``family`` holds its settings."""
+        values = dict(values)
+        family = values.get("family", cls.family)
+        if "family_settings" in values:
+            raise ValueError(f"{source}: give the family's settings as a section [{family}]")
+        section = values.pop(family, {}) if isinstance(family, str) else {}
+        if not isinstance(section, dict):
+            raise ValueError(f"{source}: [{family}] must be a table of the family's settings")
+        known = {f.name for f in fields(cls)} - {"family_settings"}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"{source}: unknown settings {unknown}")
-        return cls(**values)
+            raise ValueError(
+                f"{source}: unknown settings {unknown} (a family's settings go in the section "
+                f"named after the chosen family, here [{family}])"
+            )
+        return cls(**values, family_settings=section)
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

@@ -27,8 +27,8 @@ import numpy as np
 import xarray as xr
 from torch import Tensor
 
-from .checkpoint import replacing
-from .diagnostics import Diagnostics
+from ..training.checkpoint import replacing
+from .diagnose import Diagnostics
 from .psis import load_arviz
 
 if TYPE_CHECKING:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -27,12 +28,21 @@ from tqdm.auto import tqdm
 from probvq.likelihoods import bits_per_dim
 from probvq.sites import DiscreteVAE
 
-from .evaluate import PointTerms, check_inputs, evaluation, mean_and_se, point_terms, summarise
-from .family import FamilyStack, GuideFamily
-from .importance import curve_sizes, iwae_bound, log_weights, sample_log_weights
+from ..objectives.evaluate import (
+    PointTerms,
+    check_inputs,
+    evaluation,
+    mean_and_se,
+    point_terms,
+    summarise,
+)
+from ..objectives.importance import curve_sizes, iwae_bound, log_weights, sample_log_weights
+from ..objectives.terms import observed_means, run_traces
 from .memory import MIB, rows_within
 from .psis import khat_summary, pareto_khat
-from .terms import observed_means, run_traces
+
+if TYPE_CHECKING:
+    from ..families import FamilyStack, GuideFamily
 
 
 @dataclass

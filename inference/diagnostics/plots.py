@@ -23,8 +23,8 @@ from torch import Tensor
 
 from probvq.codebook import perplexity
 
-from .checkpoint import replacing
-from .diagnostics import Diagnostics
+from ..training.checkpoint import replacing
+from .diagnose import Diagnostics
 from .psis import THRESHOLDS
 
 

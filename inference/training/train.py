@@ -1,9 +1,12 @@
 """Stochastic variational inference for a model/guide pair under a guide family.
 
-Each step draws a minibatch, evaluates the family's Pyro ELBO (``family.elbo_class``, e.g.
-``TraceMeanField_ELBO`` with analytic KL) through its ``differentiable_loss``, clips the global
-gradient norm and takes an Adam step over the networks' and the family's parameters; then the family
-commits its codebook statistics (EMA, restarts) and advances its temperature schedule. Every
+Before the first step every module that takes the run's length hears it (``before_run``: relative
+schedules). Each step draws a minibatch, evaluates the family's Pyro ELBO (``family.elbo()``,
+:class:`~..objectives.elbo.CodeELBO` for the codebook and binary families) through its
+``differentiable_loss``, clips the global gradient norm and takes an Adam step over the networks'
+and the family's parameters; then every module's ``after_step`` hook runs (:mod:`probvq.hooks`): the
+families commit codebook statistics (EMA, restarts) and advance their temperature schedules, and a
+model's own state (e.g. persistent chains) moves on. Every
 ``eval_every`` steps the exact ELBO, surrogate gap and codebook perplexity are measured on a
 validation slice, logged to ``metrics.jsonl``, and the best checkpoint (by exact ELBO) is kept.
 """
@@ -14,7 +17,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyro
 import torch
@@ -22,11 +25,14 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from probvq.config import RunConfig
+from probvq.hooks import after_step, before_run
 from probvq.sites import DiscreteVAE
 
 from .checkpoint import RunDir, save_checkpoint
-from .evaluate import check_inputs, evaluate
-from .family import FamilyStack, GuideFamily
+from ..objectives.evaluate import check_inputs, evaluate
+
+if TYPE_CHECKING:
+    from ..families import FamilyStack, GuideFamily
 
 
 @dataclass
@@ -92,6 +98,7 @@ def fit(
     )
     vae.train()
     family.train()
+    before_run(total, vae, family)
     batches = _minibatches(train_x.shape[0], batch_size, generator)
     for step in range(1, total + 1):
         x = train_x[next(batches)].to(device)
@@ -105,7 +112,7 @@ def fit(
         loss.backward()
         nn.utils.clip_grad_norm_(parameters, config.clip_norm)
         optimiser.step()
-        family.after_step()
+        after_step(vae, family)
         window.append(loss.item())
         bar.update()
         bar.set_postfix(loss=f"{sum(window[-50:]) / len(window[-50:]):.2f}")

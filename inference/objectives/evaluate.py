@@ -19,6 +19,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -28,10 +29,10 @@ from probvq.codebook import perplexity
 from probvq.likelihoods import bits_per_dim
 from probvq.sites import DiscreteVAE
 
-from .family import FamilyStack, GuideFamily
-from .terms import code_indices, elbo_terms, observed_dims, reconstruction_error, run_traces
+from .terms import KINDS, code_indices, elbo_terms, observed_dims, reconstruction_error, run_traces
 
-KINDS = ("distortion", "rate", "regulariser")
+if TYPE_CHECKING:
+    from ..families import FamilyStack, GuideFamily
 
 
 def mean_and_se(values: Tensor) -> dict[str, float | None]:

@@ -1,0 +1,27 @@
+"""Guide families, one file each, and their registry (``probvq.inference.families``)."""
+
+from .base import FamilyMessenger, FamilyStack, GuideFamily, squared_error
+from .bernoulli import RelaxedBernoulli
+from .registry import FAMILIES, FamilySpec, Setting, register_family
+from .relaxed import GaussianQuantiser, RelaxedFamily, TemperatureSchedule
+from .rr import RR
+from .sq import SQ
+from .vq import VQ
+
+__all__ = [
+    "FAMILIES",
+    "RR",
+    "SQ",
+    "VQ",
+    "FamilyMessenger",
+    "FamilySpec",
+    "FamilyStack",
+    "GaussianQuantiser",
+    "GuideFamily",
+    "RelaxedBernoulli",
+    "RelaxedFamily",
+    "Setting",
+    "TemperatureSchedule",
+    "register_family",
+    "squared_error",
+]

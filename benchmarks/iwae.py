@@ -45,8 +45,8 @@ def build_model(family: str, run: str | None, seed: int):
 
 def measure(family: str, run: str | None, k: int, points: int, memory_mib: float, seed: int) -> dict:
     from probvq.inference import diagnose
-    from probvq.inference.importance import sample_log_weights
-    from probvq.inference.memory import PeakMemory
+    from probvq.inference.diagnostics.memory import PeakMemory
+    from probvq.inference.objectives.importance import sample_log_weights
 
     vae, fam, x = build_model(family, run, seed)
     x = x[:points]

@@ -61,7 +61,9 @@ class VQVAE(nn.Module):
         out_channels = channels * likelihood.channels_per_input
         self.encoder = conv_encoder(channels, hidden, code_dim, side, grid, res_blocks)
         self.decoder = conv_decoder(code_dim, hidden, out_channels, side, grid, res_blocks)
-        self.z = CodeSite("z", Codebook(num_codes, code_dim, codebook_init, restart_threshold), (grid, grid))
+        self.z = CodeSite(
+            "z", Codebook(num_codes, code_dim, codebook_init, restart_threshold), (grid, grid)
+        )
         self.prior_logits = (
             nn.Parameter(torch.zeros(grid, grid, num_codes)) if prior == "learned" else None
         )

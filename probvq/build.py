@@ -20,6 +20,7 @@ from probvq.models.vqvae import PRIORS
 
 MODELS = {"vqvae": VQVAE}
 
+
 def check_names(config: RunConfig) -> None:
     """Refuse unknown model, family, likelihood, prior and initialiser names (no data needed)."""
     choices = {

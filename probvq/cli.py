@@ -86,9 +86,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="TOML or JSON file of settings (flags override it)")
     hints = typing.get_type_hints(RunConfig)
     listing = "; ".join(f"{spec.name}: {spec.summary}" for spec in FAMILIES.values())
-    parser.add_argument(
-        "--family", choices=list(FAMILIES), help=f"guide family ({listing}) (default: vq)"
-    )
+    parser.add_argument("--family", help=f"guide family ({listing}) (default: vq)")
     for f in fields(RunConfig):
         if f.name in ("family", "family_settings"):
             continue

@@ -206,7 +206,9 @@ class CodePoint(TorchDistribution):
 
     def sample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:
         with torch.no_grad():
-            return self.space.code_of_index(self.index.expand(torch.Size(sample_shape) + self.index.shape))
+            return self.space.code_of_index(
+                self.index.expand(torch.Size(sample_shape) + self.index.shape)
+            )
 
     def rsample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:
         index = self.index.expand(torch.Size(sample_shape) + self.index.shape)

@@ -38,7 +38,7 @@ class AutoregressivePrior(nn.Module):
     """
 
     def conditional_logits(self, value: Tensor) -> Tensor:
-        """Logits ``(*batch, *grid, K)`` of ``p(z_n | z_<n)`` from values ``(*batch, *grid, *value_shape)``.
+        """Logits ``(*batch, *grid, K)`` of ``p(z_n | z_<n)`` from values ``(*batch, *grid, ...)``.
 
         ``value`` is what the site's program reads: code embeddings (or unit states) for hard
         codes, their relaxed mixtures during relaxed training.

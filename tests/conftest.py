@@ -11,7 +11,25 @@ import torch
 from pyro import poutine
 from torch import Tensor, nn
 
-from probvq import DATA_PLATE, Codebook, CodeSite, code
+from probvq import DATA_PLATE, BinaryUnits, Codebook, CodeSite, code
+from probvq.inference import FAMILIES
+
+
+def families_for(space) -> list[str]:
+    """The registered families that accept a site over ``space`` (every one, as they arrive)."""
+    site = CodeSite("probe", space, (1,))
+    names = []
+    for name, spec in FAMILIES.items():
+        try:
+            spec.build([site])
+        except ValueError:
+            continue
+        names.append(name)
+    return names
+
+
+CODEBOOK_FAMILIES = families_for(Codebook(3, 2, init="normal"))
+BINARY_FAMILIES = families_for(BinaryUnits())
 
 
 @pytest.fixture(autouse=True)
@@ -63,7 +81,7 @@ class TinyVAE(nn.Module):
         """``log p(x, z=c)`` for every configuration c: shape (K^N, B), read from the model."""
         rows = []
         for config in self.configurations():
-            value = self.codebook.embed_index(config).expand(x.shape[0], -1, -1)
+            value = self.codebook.code_of_index(config).expand(x.shape[0], -1, -1)
             conditioned = poutine.condition(self.model, data={"z": value})
             trace = poutine.trace(conditioned).get_trace(x)
             trace.compute_log_prob()

@@ -8,7 +8,7 @@ import xarray as xr
 
 from probvq.cli import main
 from probvq.inference import load_checkpoint, save_checkpoint
-from probvq.inference.checkpoint import RunDir
+from probvq.inference.training.checkpoint import RunDir
 
 TINY = [
     "--quiet", "--max-steps", "12", "--eval-every", "6", "--hidden", "8", "--res-blocks", "0",
@@ -127,7 +127,7 @@ def test_config_file_and_flag_precedence(tmp_path, capsys):
     (tmp_path / "bad.toml").write_text("colour = 'red'\n")
     assert main(["train", "--config", str(tmp_path / "bad.toml")]) == 2
     assert "unknown settings ['colour']" in capsys.readouterr().err
-    (tmp_path / "typed.json").write_text('{"ema": "false"}')
+    (tmp_path / "typed.json").write_text('{"vq": {"ema": "false"}}')
     assert main(["train", "--config", str(tmp_path / "typed.json")]) == 2
     assert "ema: expected bool" in capsys.readouterr().err
 
@@ -175,7 +175,7 @@ def test_corrupted_or_foreign_checkpoints_are_refused(tmp_path, run_dir, capsys)
 
 def test_altered_checkpoint_contents_are_detected(tmp_path, run_dir):
     state = torch.load(run_dir / "final.pt", weights_only=True)
-    state["model"]["codebook.weight"][0, 0] += 1.0
+    state["model"]["z.space.weight"][0, 0] += 1.0
     torch.save(state, tmp_path / "altered.pt")
     with pytest.raises(ValueError, match="digest"):
         load_checkpoint(tmp_path / "altered.pt")

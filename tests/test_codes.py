@@ -51,18 +51,32 @@ def test_log_prob_is_the_exact_categorical_probability_of_the_code():
     book = Codebook(4, 3, init="normal")
     logits = torch.randn(2, 4)
     q = CodeCategorical(logits, book)
-    value = book.weight[[1, 3]].detach().clone()  # not drawn by q: found by nearest row
+    code = book.code_of_index(torch.tensor([1, 3]))  # not drawn by q
     expected = torch.log_softmax(logits, -1)[[0, 1], [1, 3]]
-    torch.testing.assert_close(q.log_prob(value), expected)
-    total = torch.logsumexp(torch.stack([q.log_prob(book.weight[[j, j]]) for j in range(4)]), 0)
+    torch.testing.assert_close(q.log_prob(code), expected)
+    codes = [book.code_of_index(torch.tensor([j, j])) for j in range(4)]
+    total = torch.logsumexp(torch.stack([q.log_prob(c) for c in codes]), 0)
     torch.testing.assert_close(total, torch.zeros(2), atol=1e-6, rtol=0)
+
+
+def test_a_code_names_its_index_whatever_its_value():
+    """Two identical codebook rows: the index channel still tells the codes apart."""
+    book = Codebook(3, 2, init="normal")
+    with torch.no_grad():
+        book.weight[2] = book.weight[0]
+    q = CodeCategorical(torch.tensor([0.0, 1.0, 2.0]), book)
+    log_p = torch.log_softmax(torch.tensor([0.0, 1.0, 2.0]), -1)
+    for j in (0, 2):
+        torch.testing.assert_close(q.log_prob(book.code_of_index(torch.tensor(j))), log_p[j])
 
 
 def test_straight_through_passes_the_gradient_to_the_anchor_unchanged():
     book = Codebook(8, 3, init="normal")
     anchor = torch.randn(5, 3, requires_grad=True)
     index = book.nearest(anchor)
-    value = CodePoint(index, book, anchor).rsample()
+    code = CodePoint(index, book, anchor).rsample()
+    assert torch.equal(book.index_of(code), index)
+    value = book.value_of(code)
     torch.testing.assert_close(value, book.weight[index].detach())
     upstream = torch.randn(5, 3)
     (value * upstream).sum().backward()
@@ -73,8 +87,8 @@ def test_straight_through_passes_the_gradient_to_the_anchor_unchanged():
 def test_straight_through_rule_on_a_categorical():
     book = Codebook(8, 3, init="normal")
     anchor = torch.randn(5, 3, requires_grad=True)
-    value = CodeCategorical(torch.randn(5, 8), book, StraightThrough(anchor)).rsample()
-    index = book.index_of(value)
+    code = CodeCategorical(torch.randn(5, 8), book, StraightThrough(anchor)).rsample()
+    index, value = book.index_of(code), book.value_of(code)
     torch.testing.assert_close(value, book.weight[index].detach())
     value.sum().backward()
     torch.testing.assert_close(anchor.grad, torch.ones(5, 3))
@@ -85,9 +99,10 @@ def test_concrete_samples_carry_gradient_to_logits_and_codebook(hard):
     book = Codebook(6, 2, init="normal")
     logits = torch.randn(10, 6, requires_grad=True)
     q = CodeCategorical(logits, book, Concrete(0.5, hard=hard))
-    value = q.rsample()
+    code = q.rsample()
+    value = book.value_of(code)
     if hard:
-        torch.testing.assert_close(value, book.weight[book.index_of(value)].detach())
+        torch.testing.assert_close(value, book.weight[book.index_of(code)].detach())
     value.pow(2).sum().backward()
     assert logits.grad is not None and logits.grad.abs().sum() > 0
     assert book.weight.grad is not None and book.weight.grad.abs().sum() > 0
@@ -97,27 +112,29 @@ def test_the_code_behind_a_relaxed_sample_is_an_exact_draw():
     book = Codebook(4, 2, init="normal")
     probs = torch.tensor([0.1, 0.2, 0.3, 0.4])
     q = CodeCategorical(probs.log().expand(40_000, 4), book, Concrete(2.0))
-    value = q.rsample()
-    counts = torch.bincount(book.index_of(value), minlength=4).float() / 40_000
+    code = q.rsample()
+    index = book.index_of(code)
+    counts = torch.bincount(index, minlength=4).float() / 40_000
     torch.testing.assert_close(counts, probs, atol=0.01, rtol=0)
-    # the soft value is not a codebook row, yet log_prob scores its exact code
-    assert (value - book.weight[book.index_of(value)]).abs().max() > 0.01
-    torch.testing.assert_close(q.log_prob(value), probs.log()[book.index_of(value)])
+    # the soft value is not a codebook row, yet log_prob scores its exact code, also for a copy
+    assert (book.value_of(code) - book.weight[index]).abs().max() > 0.01
+    torch.testing.assert_close(q.log_prob(code), probs.log()[index])
+    torch.testing.assert_close(q.log_prob(code.detach().clone()), probs.log()[index])
+    torch.testing.assert_close(q.log_prob(code.double().float()), probs.log()[index])
 
 
-def test_exact_samples_and_point_masses_have_no_rsample():
+def test_exact_samples_have_no_rsample_and_unanchored_points_no_gradient():
     book = Codebook(3, 2, init="normal")
     assert not CodeCategorical(torch.zeros(3), book).has_rsample
     with pytest.raises(NotImplementedError):
         CodeCategorical(torch.zeros(3), book).rsample()
-    with pytest.raises(NotImplementedError):
-        CodePoint(torch.tensor(1), book).rsample()
+    assert not CodePoint(torch.tensor(1), book).rsample().requires_grad
 
 
 def test_point_mass_scores_other_codes_minus_infinity():
     book = Codebook(3, 2, init="normal")
     q = CodePoint(torch.tensor([0, 2]), book)
-    scores = q.log_prob(book.weight[[0, 1]].detach())
+    scores = q.log_prob(book.code_of_index(torch.tensor([0, 1])))
     assert scores[0] == 0 and scores[1] == -torch.inf
 
 
@@ -137,7 +154,9 @@ def test_relaxed_values_pass_pyro_validation_at_a_model_site():
     def model():
         with pyro.plate("data", 4):
             z = pyro.sample("z", CodeCategorical(torch.zeros(4, 2, 5), book).to_event(1))
-            pyro.sample("x", dist.Normal(z.sum(-1), 1.0).to_event(1), obs=torch.zeros(4, 2))
+            pyro.sample(
+                "x", dist.Normal(book.value_of(z).sum(-1), 1.0).to_event(1), obs=torch.zeros(4, 2)
+            )
 
     logits = torch.randn(4, 2, 5, requires_grad=True)
 

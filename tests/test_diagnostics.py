@@ -11,14 +11,15 @@ import pyro
 import pytest
 import torch
 import xarray as xr
+from conftest import CODEBOOK_FAMILIES
 
 from probvq.build import build, load_data, resolve
 from probvq.config import RunConfig
-from probvq.inference import FAMILIES, RR, SQ, FamilyStack, diagnose
-from probvq.inference.export import to_inference_data, write_netcdf
-from probvq.inference.memory import MIB, PeakMemory
-from probvq.inference.plots import write_plots
-from probvq.inference.psis import load_arviz
+from probvq.inference import RR, SQ, FamilyStack, diagnose
+from probvq.inference.diagnostics.export import to_inference_data, write_netcdf
+from probvq.inference.diagnostics.memory import MIB, PeakMemory
+from probvq.inference.diagnostics.plots import write_plots
+from probvq.inference.diagnostics.psis import load_arviz
 
 SMALL = dict(num_codes=16, code_dim=8, hidden=16, res_blocks=1, train_limit=200, valid_size=50)
 
@@ -31,7 +32,7 @@ def vqvae(family: str, **overrides):
     return vae, fam, vae.likelihood.prepare(dataset.valid[:12])
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
+@pytest.fixture(scope="module", params=CODEBOOK_FAMILIES)
 def diagnosed(request):
     vae, family, x = vqvae(request.param)
     return request.param, diagnose(vae, family, x, k=64, memory_mib=32, keep_log_weights=True)

@@ -10,7 +10,7 @@ import torch
 from pyro import poutine
 
 from probvq.inference import RR, SQ, VQ
-from probvq.inference.importance import curve_sizes, iwae_bound, log_weights
+from probvq.inference.objectives.importance import curve_sizes, iwae_bound, log_weights
 
 ROWS = 50_000
 
@@ -27,7 +27,7 @@ def exact_log_q(tiny, family, x):
     with torch.no_grad(), family.exact():
         site = poutine.trace(family.wrap(tiny.guide)).get_trace(x).nodes["z"]
         rows = [
-            site["fn"].log_prob(tiny.codebook.embed_index(c).expand(x.shape[0], -1, -1))
+            site["fn"].log_prob(tiny.codebook.code_of_index(c).expand(x.shape[0], -1, -1))
             for c in tiny.configurations()
         ]
     return torch.stack(rows).double()
@@ -134,5 +134,7 @@ def test_curve_sizes():
 
 
 def test_a_model_latent_the_guide_never_samples_is_refused(tiny, tiny_data, rr):
-    with pytest.raises(ValueError, match="site 'z': a model latent"):
+    with pytest.raises(
+        ValueError, match="site 'z': a latent of the model that the guide does not sample"
+    ):
         next(log_weights(rr.wrap(tiny.model), lambda x: None, tiny_data, 3, 100))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from probvq.inference.memory import MIB, PeakMemory, rows_within
+from probvq.inference.diagnostics.memory import MIB, PeakMemory, rows_within
 
 
 def test_peak_counts_live_tensors_not_freed_ones():

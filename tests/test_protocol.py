@@ -75,7 +75,7 @@ def test_a_site_no_family_claims_is_refused_in_the_guide(two_level):
 
 def test_without_a_family_the_model_samples_ancestrally(two_level):
     trace = pyro.poutine.trace(two_level.model).get_trace(torch.zeros(3, 8))
-    bottom = trace.nodes["bottom"]["value"]
+    bottom = two_level.bottom_book.value_of(trace.nodes["bottom"]["value"])
     assert bottom.shape == (3, 3, 3)
     rows = two_level.bottom_book.weight.detach()
     assert torch.all((bottom[..., None, :] - rows).abs().sum(-1).min(-1).values < 1e-6)
@@ -117,8 +117,9 @@ def test_binary_units_are_a_code_space_without_codebook():
 def test_code_checks_shapes_before_any_work(two_level):
     with pytest.raises(ValueError, match="prior"):
         code(two_level.top, torch.zeros(5, 2, 3))
+    answered = VQ(two_level.code_sites).wrap(code)
     with pytest.raises(ValueError, match="features"):
-        code(two_level.top, torch.zeros(5, 2, 4), features=torch.zeros(5, 2, 4))
+        answered(two_level.top, torch.zeros(5, 2, 4), features=torch.zeros(5, 2, 4))
     with pytest.raises(TypeError, match="prior"):
         code(two_level.top, [0.0, 1.0])
 
@@ -135,7 +136,10 @@ def test_code_checks_shapes_before_any_work(two_level):
         (lambda s: RR([CodeSite("z", s, (2,))], init_var=-1.0), "init_var"),
         (lambda s: TemperatureSchedule(initial=0.0), "temperature initial"),
         (lambda s: TemperatureSchedule(minimum=-1.0), "temperature minimum"),
-        (lambda s: TemperatureSchedule(rate=-1.0), "temperature rate"),
+        (lambda s: TemperatureSchedule(rate=-1.0, fraction=None), "anneal rate"),
+        (lambda s: TemperatureSchedule(fraction=1.5), "anneal fraction"),
+        (lambda s: TemperatureSchedule(rate=0.1, fraction=0.5), "anneal"),
+        (lambda s: TemperatureSchedule(initial=0.5, minimum=1.0), "temperature minimum"),
     ],
 )
 def test_bad_arguments_are_refused_clearly(make, match):
@@ -144,11 +148,13 @@ def test_bad_arguments_are_refused_clearly(make, match):
 
 
 def test_temperature_schedule_decays_exponentially_to_its_floor():
-    schedule = TemperatureSchedule(initial=2.0, rate=0.01, minimum=0.5)
+    schedule = TemperatureSchedule(initial=2.0, rate=0.01, minimum=0.5, fraction=None)
     assert schedule(0) == 2.0
     assert schedule(100) == pytest.approx(2.0 * torch.e**-1)
     assert schedule(10_000) == 0.5
-    family = SQ([CodeSite("z", Codebook(4, 3), (2,))], temperature=schedule)
+    family = SQ(
+        [CodeSite("z", Codebook(4, 3), (2,))], temperature=2.0, temperature_min=0.5, anneal_rate=0.01
+    )
     for _ in range(100):
         family.after_step()
     assert family.temperature == pytest.approx(schedule(100))

@@ -9,8 +9,8 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from probvq.inference.importance import iwae_bound, log_weights
-from probvq.inference.psis import MIN_SAMPLES, khat_summary, pareto_khat
+from probvq.inference.diagnostics.psis import MIN_SAMPLES, khat_summary, pareto_khat
+from probvq.inference.objectives.importance import iwae_bound, log_weights
 
 
 def gaussian_log_weights(proposal_var: float, points: int = 100, samples: int = 2000) -> torch.Tensor:

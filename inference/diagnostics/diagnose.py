@@ -137,7 +137,7 @@ def diagnose(
     """
     check_settings(k, memory_mib, batch_size, examples)
     check_inputs(vae, x)
-    model, guide = family.wrap(vae.model), family.wrap(vae.guide)
+    model, guide = family.wrap(vae.model, pyro_params=False), family.wrap(vae.guide, pyro_params=False)
     with evaluation(vae, family, seed) as device, family.exact():
         first = x[:1].to(device)
         rows = rows_within(

@@ -62,12 +62,19 @@ class FamilyMessenger(Messenger):
             msg["stop"] = True
 
 
-def _registering(program: Callable, handled: Callable, families: Sequence[nn.Module]) -> Callable:
+def _registering(
+    program: Callable, handled: Callable, families: Sequence[nn.Module], pyro_params: bool
+) -> Callable:
     """``handled`` (``program`` under the families' handlers), registering parameters each run.
 
     The program's own module (for a bound method of an ``nn.Module``) and the families are
     registered; code spaces of the families' sites too, where that module does not own them.
+    Without ``pyro_params`` nothing is registered: probvq's own loops optimise the modules'
+    parameters directly, and Pyro's store marks registered tensors with a weak reference that
+    keeps a module from being pickled.
     """
+    if not pyro_params:
+        return handled
     owner = getattr(program, "__self__", None)
     modules = [owner] if isinstance(owner, nn.Module) else []
     owned = {id(m) for m in owner.modules()} if isinstance(owner, nn.Module) else set()
@@ -167,9 +174,13 @@ class GuideFamily(nn.Module):
         finally:
             self._exact = previous
 
-    def wrap(self, program: Callable) -> Callable:
-        """``program`` with this family answering its code sites (a program transformer)."""
-        return _registering(program, FamilyMessenger(self)(program), [self])
+    def wrap(self, program: Callable, pyro_params: bool = True) -> Callable:
+        """``program`` with this family answering its code sites (a program transformer).
+
+        With ``pyro_params`` every run registers the parameters of the program's module and of the
+        family with Pyro's parameter store, so ``pyro.infer.SVI`` optimises them.
+        """
+        return _registering(program, FamilyMessenger(self)(program), [self], pyro_params)
 
     def elbo(self, **kwargs) -> ELBO:
         return self.elbo_class(**kwargs)
@@ -262,11 +273,11 @@ class FamilyStack(nn.Module):
                 stack.enter_context(family.exact())
             yield
 
-    def wrap(self, program: Callable) -> Callable:
+    def wrap(self, program: Callable, pyro_params: bool = True) -> Callable:
         handled = program
         for family in self.families:
             handled = FamilyMessenger(family)(handled)
-        return _registering(program, handled, list(self.families))
+        return _registering(program, handled, list(self.families), pyro_params)
 
     def elbo(self, **kwargs) -> ELBO:
         return self.elbo_class(**kwargs)

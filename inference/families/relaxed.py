@@ -152,7 +152,6 @@ class GaussianQuantiser(RelaxedFamily):
         raise NotImplementedError
 
 
-
 def relaxed_settings() -> dict[str, Setting]:
     """The registry settings of a Gaussian quantiser (defaults come from its constructor)."""
     return {

@@ -121,7 +121,7 @@ def point_terms(
 ) -> PointTerms:
     """Run the exact and the surrogate guide over ``x`` (prepared data) and keep every term."""
     check_inputs(vae, x)
-    model, guide = family.wrap(vae.model), family.wrap(vae.guide)
+    model, guide = family.wrap(vae.model, pyro_params=False), family.wrap(vae.guide, pyro_params=False)
     exact, surrogate, recon = [], [], []
     parts: dict[str, dict[str, list[Tensor]]] = {kind: defaultdict(list) for kind in KINDS}
     usage: dict[str, Tensor] = {}

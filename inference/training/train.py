@@ -28,8 +28,8 @@ from probvq.config import RunConfig
 from probvq.hooks import after_step, before_run
 from probvq.sites import DiscreteVAE
 
-from .checkpoint import RunDir, save_checkpoint
 from ..objectives.evaluate import check_inputs, evaluate
+from .checkpoint import RunDir, save_checkpoint
 
 if TYPE_CHECKING:
     from ..families import FamilyStack, GuideFamily
@@ -87,7 +87,7 @@ def fit(
     parameters = [p for m in (vae, family) for p in m.parameters()]
     optimiser = torch.optim.Adam(parameters, lr=config.lr)
     loss_fn = family.elbo(max_plate_nesting=1).differentiable_loss
-    model, guide = family.wrap(vae.model), family.wrap(vae.guide)
+    model, guide = family.wrap(vae.model, pyro_params=False), family.wrap(vae.guide, pyro_params=False)
     result = TrainResult()
     window: list[float] = []
     started = time.perf_counter()

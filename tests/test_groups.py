@@ -185,7 +185,9 @@ def test_every_gradient_matches_the_step_written_by_hand(name, depth, shared, mo
     assert set(ours) == set(theirs)
     for param, grad in theirs.items():
         assert grad is not None and ours[param] is not None, param
-        torch.testing.assert_close(ours[param], grad, rtol=1e-9, atol=1e-9, msg=lambda m: f"{param}: {m}")
+        torch.testing.assert_close(
+            ours[param], grad, rtol=1e-9, atol=1e-9, msg=lambda m: f"{param}: {m}"
+        )
 
 
 def test_the_decoder_reads_the_sum_and_later_depths_quantise_the_residual():

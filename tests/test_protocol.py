@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from probvq import DATA_PLATE, BinaryUnits, Codebook, CodeSite, code
+from probvq import DATA_PLATE, BinaryUnits, Codebook, CodeGroup, CodeSite, code, prior_factor
 from probvq.config import RunConfig
 from probvq.inference import RR, SQ, VQ, FamilyStack, TemperatureSchedule, elbo_terms, fit, run_traces
+from probvq.inference.objectives.terms import log_weight, observed_dims
 
 
 class TwoLevel(nn.Module):
@@ -30,19 +31,24 @@ class TwoLevel(nn.Module):
     def bottom_prior(self, z_top):
         return self.topdown(z_top.flatten(-2)).view(-1, 3, 5)
 
-    def model(self, x):
+    def model(self, x, extra=None):
+        """``extra(x)``, if given, adds sites inside the data plate."""
         with pyro.plate(DATA_PLATE, x.shape[0]):
             z_top = code(self.top, self.top.uniform_logits((x.shape[0],)))
             z_bottom = code(self.bottom, self.bottom_prior(z_top))
             pyro.sample(
                 "x", dist.Bernoulli(logits=self.decoder(z_bottom.flatten(-2))).to_event(1), obs=x
             )
+            if extra is not None:
+                extra(x)
 
-    def guide(self, x):
+    def guide(self, x, extra=None):
         with pyro.plate(DATA_PLATE, x.shape[0]):
             h = self.encoder(x)
             z_top = code(self.top, self.top.uniform_logits((x.shape[0],)), h[:, :6].view(-1, 2, 3))
             code(self.bottom, self.bottom_prior(z_top), h[:, 6:].view(-1, 3, 3))
+            if extra is not None:
+                extra(x)
 
 
 @pytest.fixture
@@ -181,3 +187,87 @@ def test_a_family_stack_trains_and_evaluates_as_one_family(two_level):
 def test_a_family_stack_refuses_overlapping_claims(two_level):
     with pytest.raises(ValueError, match="claimed twice"):
         FamilyStack(SQ(two_level.code_sites), RR(two_level.code_sites, claims=["bottom"]))
+
+
+def test_a_prior_factor_is_reported_as_its_latents_rate(two_level):
+    energy = nn.Parameter(torch.tensor(0.7))
+
+    def factors(x):
+        prior_factor("top", "top.energy", -energy.expand(x.shape[0]))
+        pyro.factor("x.bonus", torch.full((x.shape[0],), 0.25))
+
+    def model(x):
+        two_level.model(x, factors)
+
+    family = FamilyStack(
+        SQ(two_level.code_sites, claims=["top"]), RR(two_level.code_sites, claims=["bottom"])
+    )
+    x = torch.bernoulli(torch.full((16, 8), 0.5))
+    pyro.set_rng_seed(3)
+    plain = elbo_terms(*run_traces(family.wrap(two_level.model), family.wrap(two_level.guide), x))
+    pyro.set_rng_seed(3)
+    traces = run_traces(family.wrap(model), family.wrap(two_level.guide), x)
+    terms = elbo_terms(*traces)
+    assert set(terms.distortion) == {"x", "x.bonus"} and set(terms.rate) == set(plain.rate)
+    torch.testing.assert_close(terms.rate["top"], plain.rate["top"] + 0.7)
+    torch.testing.assert_close(terms.distortion["x.bonus"], torch.full((16,), -0.25))
+    assert observed_dims(traces[0]) == 8  # factors observe nothing
+    loss = family.elbo().differentiable_loss(family.wrap(model), family.wrap(two_level.guide), x)
+    loss.backward()
+    torch.testing.assert_close(energy.grad, torch.tensor(16.0))  # each example pays the energy
+
+
+def test_a_prior_factor_of_no_latent_is_refused(two_level):
+    def model(x):
+        two_level.model(x, lambda x: prior_factor("nothing", "f", torch.zeros(x.shape[0])))
+
+    family = SQ(two_level.code_sites)
+    with pytest.raises(ValueError, match="prior factor of 'nothing'"):
+        elbo_terms(*run_traces(family.wrap(model), family.wrap(two_level.guide), torch.zeros(2, 8)))
+
+
+def test_latents_sampled_only_in_the_guide_are_refused_by_every_bound(two_level):
+    def guide(x):
+        two_level.guide(x, lambda x: pyro.sample("u", pyro.distributions.Normal(0.0, 1.0)))
+
+    family = SQ(two_level.code_sites)
+    model, guide = family.wrap(two_level.model), family.wrap(guide)
+    x = torch.zeros(3, 8)
+    traces = run_traces(model, guide, x)
+    for bound in (elbo_terms, log_weight):
+        with pytest.raises(ValueError, match="'u': a latent sampled only in the guide"):
+            bound(*traces)
+    with pytest.raises(ValueError, match="'u': a latent sampled only in the guide"):
+        family.elbo().differentiable_loss(model, guide, x)
+
+
+def test_a_code_site_registers_its_space_with_whoever_holds_the_site():
+    class OnlyTheSite(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.z = CodeSite("z", Codebook(5, 3), (2,))
+
+    holder = OnlyTheSite()
+    assert any(p is holder.z.space.weight for p in holder.parameters())
+    assert {"z.space.weight", "z.space.usage", "z.space.ema_sum"} <= set(holder.state_dict())
+    holder.to(torch.float64)
+    assert holder.z.space.weight.dtype == torch.float64
+    group = CodeGroup("g", [CodeSite("a", Codebook(3, 2), (2,)), CodeSite("b", Codebook(3, 2), (2,))])
+    assert len(list(group.parameters())) == 2
+
+
+def test_codes_carry_their_index_through_a_trace_and_a_copy(two_level):
+    family = RR(two_level.code_sites)
+    x = torch.bernoulli(torch.full((64, 8), 0.5))
+    with torch.no_grad():
+        _, guide_trace = run_traces(family.wrap(two_level.model), family.wrap(two_level.guide), x)
+    site = guide_trace.nodes["bottom"]
+    relaxed = site["value"]
+    index = two_level.bottom_book.index_of(relaxed)
+    # a relaxed value is not its code's embedding, yet scores its own code, as does any copy of it
+    assert (
+        two_level.bottom_book.value_of(relaxed) - two_level.bottom_book.weight[index]
+    ).abs().max() > 0
+    for copy in (relaxed.clone(), relaxed.detach().double().float(), relaxed.to("cpu", copy=True)):
+        torch.testing.assert_close(site["fn"].log_prob(copy), site["fn"].log_prob(relaxed))
+    assert not hasattr(two_level.bottom_book, "_memo")

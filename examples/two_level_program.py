@@ -33,7 +33,6 @@ class TwoLevel(nn.Module):
         self.encoder = nn.Sequential(
             nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 16 * 8 + 49 * 8)
         )
-        self.codebooks = nn.ModuleList([self.top.space, self.bottom.space])
 
     @property
     def code_sites(self) -> list[CodeSite]:

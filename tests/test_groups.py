@@ -25,7 +25,7 @@ class Residual(nn.Module):
         super().__init__()
         books = [Codebook(K, D, init="normal")] * depth if shared else None
         books = books or [Codebook(K, D, init="normal") for _ in range(depth)]
-        self.group = CodeGroup("z", [CodeSite(f"z{l}", books[l], (N,)) for l in range(depth)])
+        self.group = CodeGroup("z", [CodeSite(f"z{i}", books[i], (N,)) for i in range(depth)])
         self.prior_logits = nn.Parameter(torch.randn(depth, N, K))
         self.encoder = nn.Linear(X, N * D)
         self.decoder = nn.Linear(N * D, X)
@@ -186,7 +186,7 @@ def test_every_gradient_matches_the_step_written_by_hand(name, depth, shared, mo
     for param, grad in theirs.items():
         assert grad is not None and ours[param] is not None, param
         torch.testing.assert_close(
-            ours[param], grad, rtol=1e-9, atol=1e-9, msg=lambda m: f"{param}: {m}"
+            ours[param], grad, rtol=1e-9, atol=1e-9, msg=lambda m, p=param: f"{p}: {m}"
         )
 
 

@@ -6,10 +6,11 @@ import re
 import pyro
 import pytest
 import torch
+from conftest import CODEBOOK_FAMILIES
+from test_binary import BinaryVAE, data
 from torch import nn
 
 import probvq
-from conftest import CODEBOOK_FAMILIES
 from probvq.build import build, load_data, resolve
 from probvq.cli import main, make_parser
 from probvq.config import RunConfig
@@ -17,7 +18,6 @@ from probvq.inference import FAMILIES, SQ, evaluate, fit
 from probvq.inference.families import GuideFamily, Setting, register_family
 from probvq.inference.families.relaxed import TemperatureSchedule
 from probvq.params import store_name
-from test_binary import BinaryVAE, data
 
 SMALL = {"hidden": 16, "res_blocks": 0, "num_codes": 16, "code_dim": 4, "train_limit": 512}
 

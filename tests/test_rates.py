@@ -282,7 +282,10 @@ def gauss_legendre(points: int, dims: int) -> tuple[torch.Tensor, torch.Tensor]:
 def truth_and_gradients(case: Case, objective: torch.Tensor, exact_gradients: list[nn.Parameter]):
     params = case.parameters()
     grads = torch.autograd.grad(objective, exact_gradients, allow_unused=True)
-    known = {id(p): g if g is not None else torch.zeros_like(p) for p, g in zip(exact_gradients, grads)}
+    known = {
+        id(p): g if g is not None else torch.zeros_like(p)
+        for p, g in zip(exact_gradients, grads, strict=True)
+    }
     return [objective.detach()] + [known.get(id(p)) for p in params]
 
 

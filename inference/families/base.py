@@ -211,7 +211,8 @@ class GuideFamily(nn.Module):
             if learning and self._keeps_statistics(site.space):
                 site.space.observe(residual, site.space.index_of(code))
             codes.append(code)
-            residual = residual - site.space.value_of(code)
+            if depth + 1 < len(request.sites):
+                residual = residual - site.space.value_of(code)
         return codes
 
     def draw(self, request: CodeRequest, depth: int, residual: Tensor) -> Tensor:

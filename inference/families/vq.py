@@ -90,11 +90,11 @@ class VQ(GuideFamily):
         codes = super().guide_codes(request)
         zhat = request.features
         event_dims = len(request.sites[0].value_shape)
-        penalty, partial = 0.0, 0.0
+        penalty, partial = 0.0, None
         for site, code in zip(request.sites, codes, strict=True):
             embedding = site.space.embed_index(site.space.index_of(code))
-            residual = zhat - partial
-            partial = partial + embedding.detach()
+            residual = zhat if partial is None else zhat - partial
+            partial = embedding.detach() if partial is None else partial + embedding.detach()
             penalty = penalty + self.beta * squared_error(zhat, partial, event_dims)
             if not self.ema:
                 penalty = penalty + squared_error(residual.detach(), embedding, event_dims)

@@ -56,8 +56,8 @@ class Term:
 
     def scaled(self) -> Tensor:
         """The value with the node's scale and mask applied (what the loss adds up)."""
-        value = self.value * self.node["scale"]
-        mask = self.node["mask"]
+        scale, mask = self.node["scale"], self.node["mask"]
+        value = self.value if isinstance(scale, float) and scale == 1.0 else self.value * scale
         return value if mask is None else torch.where(mask, value, torch.zeros_like(value))
 
 

@@ -60,7 +60,7 @@ def measure(family: str, run: str | None, k: int, points: int, memory_mib: float
 
     rows = found.rows_per_pass
     batch = x[:1].repeat_interleave(rows, dim=0)
-    model, guide = fam.wrap(vae.model), fam.wrap(vae.guide)
+    model, guide = fam.wrap(vae.model, pyro_params=False), fam.wrap(vae.guide, pyro_params=False)
     vae.eval()
     fam.eval()
     passes = max(1, (points * k) // rows)

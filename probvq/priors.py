@@ -67,14 +67,25 @@ Prior = Tensor | AutoregressivePrior | EnergyPrior
 
 
 class _GridCodes(TorchDistribution):
-    """A distribution over the codes of a whole grid (one event per batch element)."""
+    """A distribution over the codes of a whole grid (one event per batch element) under ``prior``."""
 
     arg_constraints: dict = {}
 
-    def __init__(self, space: CodeSpace, grid: tuple[int, ...], batch_shape: torch.Size) -> None:
+    def __init__(
+        self,
+        prior: AutoregressivePrior | EnergyPrior,
+        space: CodeSpace,
+        grid: tuple[int, ...],
+        batch_shape: torch.Size = torch.Size(),
+    ) -> None:
+        self.prior = prior
         self.space = space
         self.grid = tuple(grid)
-        super().__init__(batch_shape, torch.Size(grid) + space.code_shape, validate_args=False)
+        event_shape = torch.Size(grid) + space.code_shape
+        super().__init__(torch.Size(batch_shape), event_shape, validate_args=False)
+
+    def expand(self, batch_shape: torch.Size, _instance=None) -> _GridCodes:
+        return type(self)(self.prior, self.space, self.grid, torch.Size(batch_shape))
 
     @property
     def support(self) -> constraints.Constraint:
@@ -90,19 +101,6 @@ class AutoregressiveCodes(_GridCodes):
     ``log_prob`` is ``sum_n log p(z_n | z_<n)`` in one teacher-forced pass; ``sample`` draws the
     positions one after another (row-major), one pass of the prior each.
     """
-
-    def __init__(
-        self,
-        prior: AutoregressivePrior,
-        space: CodeSpace,
-        grid: tuple[int, ...],
-        batch_shape: torch.Size = torch.Size(),
-    ) -> None:
-        self.prior = prior
-        super().__init__(space, grid, torch.Size(batch_shape))
-
-    def expand(self, batch_shape: torch.Size, _instance=None) -> AutoregressiveCodes:
-        return AutoregressiveCodes(self.prior, self.space, self.grid, torch.Size(batch_shape))
 
     def conditional_logits(self, code: Tensor) -> Tensor:
         """The prior's per-position logits at ``code``, checked for shape."""
@@ -137,19 +135,6 @@ class AutoregressiveCodes(_GridCodes):
 class EnergyCodes(_GridCodes):
     """The model-side distribution of a site under an :class:`EnergyPrior`:
     ``log_prob(z) = -F(z) - log Z``."""
-
-    def __init__(
-        self,
-        prior: EnergyPrior,
-        space: CodeSpace,
-        grid: tuple[int, ...],
-        batch_shape: torch.Size = torch.Size(),
-    ) -> None:
-        self.prior = prior
-        super().__init__(space, grid, torch.Size(batch_shape))
-
-    def expand(self, batch_shape: torch.Size, _instance=None) -> EnergyCodes:
-        return EnergyCodes(self.prior, self.space, self.grid, torch.Size(batch_shape))
 
     def energy(self, code: Tensor) -> Tensor:
         """``F`` at ``code``, checked for shape."""

@@ -127,11 +127,11 @@ def test_an_energy_prior_over_binary_units_trains_its_parameters():
 def test_the_bernoulli_family_refuses_codebooks_and_groups_and_bad_features():
     from probvq import Codebook, CodeGroup
 
-    with pytest.raises(ValueError, match="infers BinaryUnits"):
+    with pytest.raises(ValueError, match="infers BinaryUnits sites"):
         RelaxedBernoulli([CodeSite("z", Codebook(3, 2), (2,))])
     vae = BinaryVAE()
     family = RelaxedBernoulli(vae.code_sites)
-    with pytest.raises(ValueError, match="one logit per unit"):
+    with pytest.raises(ValueError, match=r"expects features \(\*batch, 4\)"):
         family.wrap(code)(vae.h, vae.prior(2), features=torch.zeros(2, UNITS, 2))
     sites = [CodeSite("a", BinaryUnits(), (2,)), CodeSite("b", BinaryUnits(), (2,))]
     group = CodeGroup("g", sites)

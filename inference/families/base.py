@@ -38,6 +38,7 @@ from probvq.codebook import Codebook
 from probvq.params import register
 from probvq.priors import Prior
 from probvq.sites import CodeRequest, CodeSite
+from probvq.spaces import CodeSpace
 
 from ..objectives.elbo import CodeELBO
 
@@ -105,6 +106,8 @@ class GuideFamily(nn.Module):
     name = "base"
     elbo_class: type[ELBO] = CodeELBO
     """The Pyro ELBO that trains this family."""
+    space_type: type[CodeSpace] = Codebook
+    """The kind of code space this family infers."""
 
     def __init__(self, sites: Sequence[CodeSite], claims: Iterable[str] | None = None) -> None:
         super().__init__()
@@ -122,19 +125,23 @@ class GuideFamily(nn.Module):
     # -- what this family accepts ----------------------------------------------------------
 
     def check_site(self, site: CodeSite) -> None:
-        """Refuse sites this family cannot infer (default: codebook sites only)."""
-        if not isinstance(site.space, Codebook):
+        """Refuse sites this family cannot infer (those whose space is not a :attr:`space_type`)."""
+        if not isinstance(site.space, self.space_type):
             raise ValueError(
-                f"sites: the {self.name!r} family quantises against a codebook; site "
+                f"sites: the {self.name!r} family infers {self.space_type.__name__} sites; site "
                 f"{site.name!r} has a {type(site.space).__name__} space"
             )
 
     def check_prior(self, site: CodeSite, prior: Prior) -> None:
         """Refuse a kind of prior this family cannot pay a correct rate against (default: none)."""
 
+    def feature_shape(self, site: CodeSite) -> tuple[int, ...]:
+        """The trailing shape of the features this family reads (default: the site's values)."""
+        return tuple(site.value_shape)
+
     def check_features(self, site: CodeSite, features: Tensor) -> None:
-        """Refuse features of the wrong shape (default: ``(*batch, *grid, *space.value_shape)``)."""
-        tail = tuple(site.value_shape)
+        """Refuse features that do not end in :meth:`feature_shape` after some batch dimensions."""
+        tail = self.feature_shape(site)
         if tuple(features.shape[-len(tail) :]) != tail or features.dim() <= len(tail):
             raise ValueError(
                 f"features: the {self.name!r} family expects features (*batch, "

@@ -39,21 +39,10 @@ class RelaxedBernoulli(RelaxedFamily):
     """
 
     name = "bernoulli"
+    space_type = BinaryUnits
 
-    def check_site(self, site: CodeSite) -> None:
-        if not isinstance(site.space, BinaryUnits):
-            raise ValueError(
-                f"sites: the 'bernoulli' family infers BinaryUnits; site {site.name!r} has a "
-                f"{type(site.space).__name__} space"
-            )
-
-    def check_features(self, site: CodeSite, features: Tensor) -> None:
-        grid = tuple(site.grid)
-        if tuple(features.shape[-len(grid) :]) != grid or features.dim() <= len(grid):
-            raise ValueError(
-                f"features: the 'bernoulli' family reads one logit per unit, (*batch, "
-                f"{', '.join(map(str, grid))}) for site {site.name!r}, got {tuple(features.shape)}"
-            )
+    def feature_shape(self, site: CodeSite) -> tuple[int, ...]:
+        return tuple(site.grid)  # one logit per unit
 
     def draw(self, request: CodeRequest, depth: int, residual: Tensor) -> Tensor:
         if len(request.sites) > 1:

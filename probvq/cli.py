@@ -90,7 +90,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     for f in fields(RunConfig):
         if f.name in ("family", "family_settings"):
             continue
-        _add_flag(parser, f.name, _scalar_type(hints[f.name]), f"{HELP[f.name]} (default: {f.default})")
+        text = HELP[f.name] if "default" in HELP[f.name] else f"{HELP[f.name]} (default: {f.default})"
+        _add_flag(parser, f.name, _scalar_type(hints[f.name]), text)
     group = parser.add_argument_group("family settings (each applies to the families named)")
     for name, owners in family_flags().items():
         first = FAMILIES[owners[0]].settings[name]

@@ -147,8 +147,12 @@ class EnergyCodes(_GridCodes):
             )
         return energy
 
+    @property
+    def log_normaliser(self) -> Tensor | float:
+        return self.prior.log_normaliser
+
     def log_prob(self, value: Tensor) -> Tensor:
-        return -self.energy(value) - self.prior.log_normaliser
+        return -self.energy(value) - self.log_normaliser
 
     def sample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:
         if self.prior.sample is None:

@@ -72,7 +72,7 @@ def rate(q: Distribution, p: Distribution, code: Tensor) -> Tensor:
         return _sum_last(per_position, dims)
     if isinstance(prior, EnergyCodes):
         entropy = _sum_last(base.entropy(), dims)
-        return -entropy + prior.energy(code) + prior.prior.log_normaliser
+        return -entropy + prior.energy(code) + prior.log_normaliser
     raise NotImplementedError(
         f"no rate keeps the gradient of KL({type(base).__name__} || {type(prior).__name__}); give "
         "the prior as logits, an AutoregressivePrior or an EnergyPrior"

@@ -7,6 +7,7 @@ from torch.distributions import kl_divergence
 
 from probvq import BinaryUnits, Codebook, CodeCategorical, CodePoint, Concrete, StraightThrough
 from probvq.codes import normalised_logits
+from probvq.inference import CodeELBO
 
 
 def monte_carlo_kl(q, p, draws=20_000):
@@ -165,7 +166,7 @@ def test_relaxed_values_pass_pyro_validation_at_a_model_site():
             q = CodeCategorical(logits, book, Concrete(0.7))
             pyro.sample("z", q.to_event(1))
 
-    for elbo in (Trace_ELBO(), TraceMeanField_ELBO()):
+    for elbo in (Trace_ELBO(), TraceMeanField_ELBO(), CodeELBO()):
         loss = elbo.differentiable_loss(model, guide)
         assert torch.isfinite(loss)
         loss.backward()

@@ -148,10 +148,11 @@ def float64():
     torch.set_default_dtype(previous)
 
 
+RELAXED = {"temperature": TAU, "temperature_min": TAU, "init_var": 0.7, "straight_through": False}
 FAMILIES = {
     "vq": lambda sites: VQ(sites),
-    "sq": lambda sites: SQ(sites, temperature=TAU, temperature_min=TAU, init_var=0.7),
-    "rr": lambda sites: RR(sites, temperature=TAU, temperature_min=TAU, init_var=0.7),
+    "sq": lambda sites: SQ(sites, **RELAXED),
+    "rr": lambda sites: RR(sites, **RELAXED),
 }
 
 

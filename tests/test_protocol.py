@@ -257,7 +257,7 @@ def test_a_code_site_registers_its_space_with_whoever_holds_the_site():
 
 
 def test_codes_carry_their_index_through_a_trace_and_a_copy(two_level):
-    family = RR(two_level.code_sites)
+    family = RR(two_level.code_sites, straight_through=False)
     x = torch.bernoulli(torch.full((64, 8), 0.5))
     with torch.no_grad():
         _, guide_trace = run_traces(family.wrap(two_level.model), family.wrap(two_level.guide), x)

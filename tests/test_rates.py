@@ -29,7 +29,17 @@ import pytest
 import torch
 from torch import nn
 
-from probvq import DATA_PLATE, AutoregressivePrior, BinaryUnits, Codebook, CodeSite, EnergyPrior, code
+from probvq import (
+    DATA_PLATE,
+    AutoregressivePrior,
+    BinaryUnits,
+    Codebook,
+    CodeCategorical,
+    CodeSite,
+    Concrete,
+    EnergyPrior,
+    code,
+)
 from probvq.inference import RR, SQ, VQ, RelaxedBernoulli, elbo_terms, run_traces
 
 TAU = 0.8
@@ -377,3 +387,16 @@ def test_a_prior_of_another_kind_is_refused():
     site = CodeSite("z", Codebook(3, 2), (3,))
     with pytest.raises(TypeError, match="logits, an AutoregressivePrior or an EnergyPrior"):
         code(site, torch.distributions.Normal(0.0, 1.0))
+
+
+def test_a_code_guide_against_a_prior_of_no_known_kind_is_refused_by_the_bound():
+    book = Codebook(3, 2, init="normal")
+
+    def model():
+        pyro.sample("z", pyro.distributions.Normal(torch.zeros(3), 1.0).to_event(1))
+
+    def guide():
+        pyro.sample("z", CodeCategorical(torch.zeros(1, 3), book, Concrete(0.5)).to_event(1))
+
+    with pytest.raises(ValueError, match="site 'z': no rate keeps the gradient"):
+        elbo_terms(*run_traces(model, guide))

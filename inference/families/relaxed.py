@@ -99,7 +99,7 @@ class RelaxedFamily(GuideFamily):
         temperature_min: float = 0.5,
         anneal_fraction: float | None = 0.5,
         anneal_rate: float | None = None,
-        straight_through: bool = False,
+        straight_through: bool = True,
         claims: Iterable[str] | None = None,
     ) -> None:
         super().__init__(sites, claims)

@@ -104,7 +104,11 @@ def site_terms(model_trace: Trace, guide_trace: Trace) -> Iterator[Term]:
             yield Term("rate" if owner else "distortion", owner or name, -_log_prob(site), site)
             continue
         guide_site = guide_trace.nodes[name]
-        yield Term("rate", name, rate(guide_site["fn"], site["fn"], guide_site["value"]), guide_site)
+        try:
+            value = rate(guide_site["fn"], site["fn"], guide_site["value"])
+        except NotImplementedError as err:
+            raise ValueError(f"site {name!r}: {err}") from err
+        yield Term("rate", name, value, guide_site)
     for name, site in guide_trace.nodes.items():
         if site["type"] != "sample" or name in model_trace.nodes:
             continue

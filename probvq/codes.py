@@ -10,7 +10,7 @@ construction:
 * the support is the space's codes, so a relaxed code passes Pyro's validation at a model site
   (``OneHotCategorical`` rejects it);
 * ``KL(q || p)`` is registered analytically against a categorical prior over the same space, so
-  ``TraceMeanField_ELBO`` uses the exact per-position KL.
+  Pyro's ``TraceMeanField_ELBO`` and probvq's rates use the exact per-position KL.
 
 How ``rsample`` reparameterises is the family's choice, passed as a rule:
 

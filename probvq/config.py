@@ -71,10 +71,10 @@ class RunConfig:
             value = getattr(self, name)
             if not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name}: expected a positive number, got {value!r}")
-        for name in ("restart_threshold",):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name}: expected a non-negative number, got {value!r}")
+        if not math.isfinite(self.restart_threshold) or self.restart_threshold < 0:
+            raise ValueError(
+                f"restart_threshold: expected a non-negative number, got {self.restart_threshold!r}"
+            )
 
     def _check_types(self) -> None:
         for name, hint in typing.get_type_hints(type(self)).items():

@@ -3,9 +3,10 @@
 :func:`diagnose` reads only Pyro traces, so any program written with :func:`probvq.code` gets it:
 
 * the exact ELBO decomposed per site: distortion ``-log p(x_s | z)`` of every observed site and rate
-  of every latent site (analytic KL where registered, ``log q - log p`` otherwise), in nats and
-  bits/dim, and the training surrogate's gap to it (:func:`.evaluate.point_terms`);
-* the importance-weighted bound ``IWAE_k`` with exact discrete ``log q`` (:mod:`.importance`), its
+  of every latent site (:func:`probvq.rates.rate`: analytic where it can be), in nats and
+  bits/dim, and the training surrogate's gap to it (:func:`..objectives.evaluate.point_terms`);
+* the importance-weighted bound ``IWAE_k`` with exact discrete ``log q``
+  (:mod:`..objectives.importance`), its
   convergence curve over ``k' = 1, 10, 100, ... k`` from the same draws, and the mean log-weight,
   an ELBO estimate from ``k`` draws that must agree with the analytic one up to noise;
 * Pareto k-hat per point from the same log-weights (:mod:`.psis`);

@@ -155,6 +155,10 @@ class CodeRequest:
     def members(self) -> list[tuple[CodeSite, Prior]]:
         return list(zip(self.sites, self.priors, strict=True))
 
+    def prior_codes(self) -> list[Tensor]:
+        """``z_l ~ p(z_l)`` at every depth, as ``pyro.sample`` statements (the generative side)."""
+        return [pyro.sample(site.name, site.prior(prior)) for site, prior in self.members]
+
     def value(self, codes: Sequence[Tensor]) -> Tensor:
         """What the programs read from the group's codes: the sum of their values."""
         values = [site.space.value_of(c) for site, c in zip(self.sites, codes, strict=True)]
@@ -167,7 +171,7 @@ def _answer_without_family(request: CodeRequest) -> Tensor:
             f"code site {request.name!r} is declared in a guide but no guide family handles "
             "it: wrap the model and guide with a family (see probvq.inference)"
         )
-    return request.value([pyro.sample(site.name, site.prior(p)) for site, p in request.members])
+    return request.value(request.prior_codes())
 
 
 _code_message = effectful(_answer_without_family, type="code")

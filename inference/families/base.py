@@ -28,7 +28,6 @@ import functools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 
-import pyro
 import torch
 from pyro.infer import ELBO
 from pyro.poutine.messenger import Messenger
@@ -204,7 +203,7 @@ class GuideFamily(nn.Module):
 
     def model_codes(self, request: CodeRequest) -> list[Tensor]:
         """The generative side: ``z_l ~ p(z_l)`` at every depth."""
-        return [pyro.sample(site.name, site.prior(prior)) for site, prior in request.members]
+        return request.prior_codes()
 
     def guide_codes(self, request: CodeRequest) -> list[Tensor]:
         """The inference side: quantise the residual of ``request.features`` depth by depth."""

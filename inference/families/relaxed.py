@@ -68,14 +68,18 @@ class TemperatureSchedule:
             return float(self.rate)
         return math.log(self.initial / self.minimum) / (self.fraction * total_steps)
 
-    def __call__(self, step: int, total_steps: int = 0) -> float:
-        if step == 0:
-            return self.initial
+    def check_length(self, total_steps: int) -> None:
+        """Refuse to step a relative schedule that does not know the run's length."""
         if self.relative and total_steps < 1:
             raise ValueError(
                 "temperature: this schedule is relative to the run's length, which nobody gave: "
                 "call probvq.before_run(total_steps, vae, family) before training (fit does)"
             )
+
+    def __call__(self, step: int, total_steps: int = 0) -> float:
+        if step == 0:
+            return self.initial
+        self.check_length(total_steps)
         return max(self.initial * math.exp(-self.decay(total_steps) * step), self.minimum)
 
 
@@ -125,8 +129,8 @@ class RelaxedFamily(GuideFamily):
 
     def after_step(self) -> None:
         super().after_step()
+        self.schedule.check_length(int(self.total_steps))
         self.steps += 1
-        self.schedule(int(self.steps), int(self.total_steps))  # a relative schedule needs its length
 
 
 class GaussianQuantiser(RelaxedFamily):

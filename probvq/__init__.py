@@ -9,7 +9,7 @@ code-site protocol, between-step hooks, likelihoods, networks, data). Models are
 from probvq.codebook import Codebook, perplexity
 from probvq.codes import CodeCategorical, CodePoint, Concrete, StraightThrough
 from probvq.factors import prior_factor, regulariser
-from probvq.hooks import after_step, before_run
+from probvq.hooks import after_step, before_run, discard_step
 from probvq.priors import AutoregressivePrior, EnergyPrior
 from probvq.rates import rate
 from probvq.sites import DATA_PLATE, CodeGroup, CodeRequest, CodeSite, code
@@ -34,6 +34,7 @@ __all__ = [
     "after_step",
     "before_run",
     "code",
+    "discard_step",
     "perplexity",
     "prior_factor",
     "rate",

@@ -1,31 +1,40 @@
 """The ``probvq`` command: ``train`` a model under a guide family, ``evaluate`` or ``diagnose`` a run.
 
 Settings come from defaults, then ``--config FILE`` (TOML or JSON), then flags. Errors in the input
-(missing files, bad data, bad settings) are reported in one line before any work starts.
+(missing files, bad data, bad settings, foreign checkpoints) are reported in one line before any
+work starts, and nothing an earlier run wrote is touched. ``train --resume RUN_DIR`` continues a run
+from its newest good checkpoint. Launched by ``torchrun``, ``train`` joins the process group (gloo
+on the CPU, nccl on CUDA) and trains data-parallel; only rank 0 writes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import shutil
 import sys
 import time
 import types
 import typing
-from dataclasses import fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import pyro
 import torch
 from torch import Tensor, nn
 
+from probvq import distributed
 from probvq.build import build, load_data, resolve, resolve_family
 from probvq.config import RunConfig, read_config_file
+from probvq.data import Dataset
 from probvq.inference import FAMILIES, RunDir, diagnose, evaluate, fit, load_checkpoint
 from probvq.inference.diagnostics import check_settings
 from probvq.inference.diagnostics.export import to_inference_data, write_netcdf
 from probvq.inference.diagnostics.plots import write_plots
-from probvq.inference.training.checkpoint import new_directory, write_json
+from probvq.inference.training.checkpoint import WriteError, new_directory, write_json
+from probvq.inference.training.train import DivergenceError, TrainingInterruptedError
 
 HELP = {
     "model": "model to train (vqvae)",
@@ -49,7 +58,11 @@ HELP = {
     "eval_every": "steps between validation evaluations (default: once per epoch)",
     "valid_size": "validation examples evaluated during training",
     "seed": "random seed",
+    "checkpoint_every": "steps between resumable checkpoints (last.pt)",
+    "max_bad_steps": "consecutive steps with a non-finite loss or gradient before the run stops",
     "device": "cpu or cuda",
+    "precision": "fp32, or bf16 autocast (distances, softmaxes over codes, KLs stay float32)",
+    "compile": "compile the model's networks with torch.compile",
     "out": "new run directory (default: runs/<model>-<family>-<time>)",
     "quiet": "no progress bar",
 }
@@ -126,21 +139,51 @@ def _check_device(device: str) -> None:
         raise ValueError(f"--device: {device} asked for, but CUDA is not available here")
 
 
-def train_command(args: argparse.Namespace) -> int:
-    config = resolve_family(config_from_args(args))
-    _check_device(config.device)
-    out = config.out or f"runs/{config.model}-{config.family}-{time.strftime('%Y%m%d-%H%M%S')}"
-    RunDir.check_new(out)
-    dataset = load_data(config)
-    config = replace(resolve(config, dataset), out=str(out))
+def _join_process_group(config: RunConfig) -> RunConfig:
+    """Under ``torchrun``, join its process group and take this rank's device."""
+    if "LOCAL_RANK" not in os.environ or torch.distributed.is_initialized():
+        return config
+    local = int(os.environ["LOCAL_RANK"])
+    if torch.device(config.device).type == "cuda":
+        torch.cuda.set_device(local)
+        config = replace(config, device=f"cuda:{local}")
+    backend = "nccl" if torch.device(config.device).type == "cuda" else "gloo"
+    torch.distributed.init_process_group(backend)
+    return config
+
+
+def _warn(message: str) -> None:
+    if distributed.is_main():
+        print(f"probvq: warning: {message}", file=sys.stderr)
+
+
+def _check_lengths(config: RunConfig, dataset: Dataset) -> None:
+    """Warn about legal but suspicious settings (after the data is known)."""
+    n = dataset.train.shape[0]
+    if config.batch_size > n:
+        _warn(f"--batch-size {config.batch_size} exceeds the {n} training examples; using {n}")
+    if config.valid_size > dataset.valid.shape[0]:
+        _warn(f"--valid-size {config.valid_size}: only {dataset.valid.shape[0]} validation examples")
+    steps = config.epochs * max(1, n // min(config.batch_size, n))
+    steps = min(steps, config.max_steps) if config.max_steps else steps
+    if config.eval_every is not None and config.eval_every > steps:
+        _warn(f"--eval-every {config.eval_every} exceeds the run's {steps} steps; it runs at the end")
+
+
+def _fit(
+    run: RunDir | None, config: RunConfig, dataset: Dataset, resume: dict | None, quiet: bool
+) -> int:
     pyro.set_rng_seed(config.seed)
     vae, family = build(config, dataset)
-    run = RunDir.create(out, config.to_dict())
     prepare = vae.likelihood.prepare
-    result = fit(vae, family, prepare(dataset.train), prepare(dataset.valid), config, run)
+    settings = replace(config, quiet=quiet)
+    result = fit(vae, family, prepare(dataset.train), prepare(dataset.valid), settings, run, resume)
+    if run is None:
+        return 0
     summary = {
         "run_dir": str(run.path),
         "steps": result.steps,
+        "skipped_steps": len(result.faults),
         "best_step": result.best["step"],
         "best": result.best["valid"],
         "final": result.history[-1]["valid"],
@@ -150,65 +193,164 @@ def train_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_run(args: argparse.Namespace) -> tuple[RunDir, RunConfig, dict, nn.Module, nn.Module, Tensor]:
-    """The run, its config, checkpoint, model and family on the device, and the chosen data."""
+def train_command(args: argparse.Namespace) -> int:
+    if args.resume is not None:
+        return resume_command(args)
+    config = _join_process_group(resolve_family(config_from_args(args)))
+    _check_device(config.device)
+    out = config.out or f"runs/{config.model}-{config.family}-{time.strftime('%Y%m%d-%H%M%S')}"
+    RunDir.check_new(out)
+    dataset = load_data(config)
+    config = replace(resolve(config, dataset), out=str(out))
+    build(config, dataset)  # every check of model, family and data, before a directory appears
+    _check_lengths(config, dataset)
+    distributed.barrier()
+    run = RunDir.create(out, config.to_dict()) if distributed.is_main() else None
+    try:
+        return _fit(run, config, dataset, None, config.quiet)
+    except (DivergenceError, OSError, ValueError):
+        # A run that never reached a checkpoint holds nothing to resume: leave no directory.
+        if run is not None and not run.checkpoint("last").exists():
+            shutil.rmtree(run.path, ignore_errors=True)
+        raise
+
+
+def resume_command(args: argparse.Namespace) -> int:
+    given = [_flag(f.name) for f in fields(RunConfig) if f.name not in ("family_settings", "quiet")
+             if getattr(args, f.name) is not None] + [
+        _flag(name) for name in family_flags() if getattr(args, name) is not None
+    ] + (["--config"] if args.config else [])  # fmt: skip
+    if given:
+        raise ValueError(
+            f"--resume: a resumed run keeps its own settings; drop {', '.join(given)} "
+            "(or start a new run)"
+        )
+    run = RunDir.open(args.resume)
+    config = RunConfig.from_dict(run.config(), source=f"{run.path}/config.json")
+    config = _join_process_group(resolve_family(config))
+    _check_device(config.device)
+    state, problems = run.latest()
+    for problem in problems:
+        _warn(f"{problem}; resuming from the checkpoint before it")
+    if state is not None and state["step"] >= state["total_steps"]:
+        raise ValueError(f"--resume: {run.path} already finished its {state['total_steps']} steps")
+    dataset = load_data(config)
+    if state is not None and list(dataset.image_shape) != state["image_shape"]:
+        raise ValueError(
+            f"data: {config.data or config.dataset} now holds images {tuple(dataset.image_shape)}, "
+            f"the run was trained on {tuple(state['image_shape'])}"
+        )
+    if distributed.is_main():
+        run.clear_temporaries()
+        progress = state["progress"] if state is not None else {"history": [], "faults": []}
+        run.rewrite_log(progress["history"])
+        run.rewrite_log(progress["faults"], "faults")
+    distributed.barrier()
+    return _fit(
+        run if distributed.is_main() else None, config, dataset, state, args.quiet or config.quiet
+    )
+
+
+def _check_selection(args: argparse.Namespace) -> None:
+    if args.limit is not None and args.subset is not None:
+        raise ValueError("--limit, --subset: give one of them, not both")
+    for flag, value in (("--limit", args.limit), ("--subset", args.subset)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag}: expected a positive integer, got {value}")
+
+
+def _select(args: argparse.Namespace, images: Tensor) -> tuple[Tensor, dict]:
+    """The examples chosen by ``--limit`` (the first N) or ``--subset`` (N at random, seeded), and
+    a record of the choice for the report."""
+    n = images.shape[0]
+    if args.subset is not None:
+        if args.subset > n:
+            raise ValueError(f"--subset: asked for {args.subset} examples, the split holds {n}")
+        generator = torch.Generator().manual_seed(args.seed)
+        index = torch.randperm(n, generator=generator)[: args.subset].sort().values
+        return images[index], {"subset": args.subset, "subset_seed": args.seed, "split_size": n}
+    if args.limit is not None and args.limit > n:
+        _warn(f"--limit {args.limit}: the split holds only {n} examples; using all of them")
+    return images[: args.limit], {"limit": args.limit, "split_size": n}
+
+
+@dataclass
+class _Loaded:
+    """A run opened for evaluation: its config and checkpoint, model and family, chosen data."""
+
+    run: RunDir
+    config: RunConfig
+    state: dict
+    vae: nn.Module
+    family: nn.Module
+    x: Tensor
+    report: dict
+
+
+def _load_run(args: argparse.Namespace) -> _Loaded:
+    """Open ``args.run_dir``: refuse a foreign checkpoint or data of another shape, then load."""
     run = RunDir.open(args.run_dir)
     config = RunConfig.from_dict(run.config(), source=f"{run.path}/config.json")
     device = args.device or config.device
     _check_device(device)
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit: expected a positive integer, got {args.limit}")
+    _check_selection(args)
+    path = run.checkpoint(args.checkpoint)
+    state = load_checkpoint(path)
+    run.check_owns(state, path)
     if args.data is not None:
         config = replace(config, data=args.data)
     dataset = load_data(config)
+    if list(dataset.image_shape) != state["image_shape"]:
+        raise ValueError(
+            f"--data: {config.data or config.dataset} holds images {tuple(dataset.image_shape)}, "
+            f"but the run was trained on {tuple(state['image_shape'])}"
+        )
     vae, family = build(config, dataset)
-    state = load_checkpoint(run.checkpoint(args.checkpoint))
     try:
         vae.load_state_dict(state["model"])
         family.load_state_dict(state["family"])
     except (RuntimeError, KeyError) as err:
         raise ValueError(
-            f"checkpoint: {run.checkpoint(args.checkpoint)} does not fit the model of "
-            f"{run.path}/config.json on this data ({err})"
+            f"checkpoint: {path} does not fit the model of {run.path}/config.json ({err})"
         ) from err
     vae.to(device)
     family.to(device)
     splits = {"valid": dataset.valid, "train": dataset.train}
     images = torch.cat([dataset.train, dataset.valid]) if args.split == "all" else splits[args.split]
-    x = vae.likelihood.prepare(images[: args.limit])
-    return run, config, state, vae, family, x
+    images, chosen = _select(args, images)
+    report = {
+        "run_dir": str(run.path),
+        "checkpoint": args.checkpoint,
+        "step": state["step"],
+        "data": config.data or config.dataset,
+        "split": args.split,
+        **chosen,
+    }
+    return _Loaded(run, config, state, vae, family, vae.likelihood.prepare(images), report)
 
 
 def _progress(args: argparse.Namespace) -> bool:
     return not args.quiet and sys.stderr.isatty()
 
 
-def _report(args: argparse.Namespace, run: RunDir, config: RunConfig, state: dict) -> dict:
-    data = config.data or config.dataset
-    return {
-        "run_dir": str(run.path),
-        "checkpoint": args.checkpoint,
-        "step": state["step"],
-        "data": data,
-        "split": args.split,
-    }
-
-
 def evaluate_command(args: argparse.Namespace) -> int:
-    run, config, state, vae, family, x = _load_run(args)
-    summary = evaluate(vae, family, x, args.batch_size, args.seed, progress=_progress(args))
-    print(json.dumps({**_report(args, run, config, state), **summary}))
+    loaded = _load_run(args)
+    summary = evaluate(
+        loaded.vae, loaded.family, loaded.x, args.batch_size, args.seed, progress=_progress(args)
+    )
+    print(json.dumps({**loaded.report, **summary}))
     return 0
 
 
 def diagnose_command(args: argparse.Namespace) -> int:
     check_settings(args.k, args.memory_mib, args.batch_size)
     RunDir.check_new(args.out)
-    run, config, state, vae, family, x = _load_run(args)
+    records = RunDir.open(args.run_dir).read_log()  # a torn log fails here, not after the IWAE pass
+    loaded = _load_run(args)
     found = diagnose(
-        vae,
-        family,
-        x,
+        loaded.vae,
+        loaded.family,
+        loaded.x,
         k=args.k,
         memory_mib=args.memory_mib,
         batch_size=args.batch_size,
@@ -216,10 +358,10 @@ def diagnose_command(args: argparse.Namespace) -> int:
         progress=_progress(args),
         keep_log_weights=args.save_log_weights,
     )
-    records = run.read_log()
-    summary = {**_report(args, run, config, state), **found.summary()}
+    summary = {**loaded.report, **found.summary()}
     with new_directory(args.out) as out:  # all files or none: a failure leaves no partial directory
-        write_netcdf(out / "diagnostics.nc", to_inference_data(found, records, config.to_dict()))
+        export = to_inference_data(found, records, loaded.config.to_dict())
+        write_netcdf(out / "diagnostics.nc", export)
         plots = write_plots(found, records, out / "plots")
         summary["files"] = ["diagnostics.nc", *(str(p.relative_to(out)) for p in plots)]
         write_json(out / "summary.json", summary)
@@ -236,6 +378,11 @@ def _add_run_flags(parser: argparse.ArgumentParser, batch_size: int) -> None:
     parser.add_argument("--checkpoint", choices=("best", "final"), default="best")
     parser.add_argument("--batch-size", type=int, default=batch_size, help="points per pass")
     parser.add_argument("--limit", type=int, help="use only the first N examples")
+    parser.add_argument(
+        "--subset",
+        type=int,
+        help="use N examples drawn at random (seeded by --seed; test splits are often sorted by class)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", help="cpu or cuda (default: the run's)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -246,6 +393,9 @@ def make_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train a model under a guide family")
     _add_config_flags(train)
+    train.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue a run from its newest good checkpoint"
+    )
     train.set_defaults(handler=train_command)
     ev = commands.add_parser("evaluate", help="exact ELBO, surrogate gap and usage of a run")
     _add_run_flags(ev, batch_size=500)
@@ -269,10 +419,29 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# argparse reads "-1e-3" as an option, not as a negative number; admit exponents too.
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|nan)$")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
+    parser = make_parser()
+    for sub in (parser, *parser._subparsers._group_actions[0].choices.values()):
+        sub._negative_number_matcher = NEGATIVE_NUMBER
+    args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+    except (ValueError, FileNotFoundError, FloatingPointError, WriteError) as err:
         print(f"probvq: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        print(f"probvq: error: {err.filename or ''}: {err.strerror or err}", file=sys.stderr)
+        return 2
+    except TrainingInterruptedError as err:
+        print(f"probvq: {err}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("probvq: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import constraints
 
+from probvq import distributed
 from probvq.spaces import CodeSpace
 
 INITIALISERS = ("normal", "uniform", "data", "kmeans")
@@ -123,21 +124,29 @@ class Codebook(CodeSpace):
             yield slice(start, min(start + step, self.num_codes))
 
     def _flat(self, z: Tensor, name: str) -> Tensor:
+        """``z`` as rows ``(N, D)`` in the codebook's dtype."""
         if z.shape[-1:] != self.value_shape:
             raise ValueError(f"{name}: expected trailing dimension D={self.dim}, got {tuple(z.shape)}")
-        return z.reshape(-1, self.dim)
+        return z.reshape(-1, self.dim).to(self.weight.dtype)
 
     def distances(self, z: Tensor) -> Tensor:
-        """Squared distances ``||z - e_k||^2`` of shape ``(..., K)`` (differentiable)."""
+        """Squared distances ``||z - e_k||^2`` of shape ``(..., K)`` (differentiable).
+
+        Computed in the codebook's dtype even under autocast: in bfloat16 the expansion's
+        cancellation would misrank near codes and blur the softmaxes built on these distances.
+        """
         flat = self._flat(z, "z")
-        z2 = flat.pow(2).sum(-1, keepdim=True)
-        parts = [
-            torch.addmm(self.weight[c].pow(2).sum(-1), flat, self.weight[c].T, alpha=-2.0) + z2
-            for c in self._chunks(flat.shape[0])
-        ]
+        with torch.autocast(flat.device.type, enabled=False):
+            z2 = flat.pow(2).sum(-1, keepdim=True)
+            parts = [
+                torch.addmm(self.weight[c].pow(2).sum(-1), flat, self.weight[c].T, alpha=-2.0) + z2
+                for c in self._chunks(flat.shape[0])
+            ]
         return torch.cat(parts, dim=-1).clamp_min(0.0).reshape(*z.shape[:-1], self.num_codes)
 
     @torch.no_grad()
+    @torch.autocast("cuda", enabled=False)
+    @torch.autocast("cpu", enabled=False)
     def nearest(self, z: Tensor) -> Tensor:
         """Index of the nearest code, ``argmin_k ||z - e_k||^2``, without the full N x K matrix."""
         flat = self._flat(z, "z")
@@ -145,8 +154,8 @@ class Codebook(CodeSpace):
         index = torch.zeros(flat.shape[0], dtype=torch.long, device=flat.device)
         for c in self._chunks(flat.shape[0]):
             codes = self.weight[c]
-            d = torch.addmm(codes.pow(2).sum(-1), flat, codes.T, alpha=-2.0)
-            value, arg = d.min(-1)
+            # No name holds the chunk, so it is freed before the next one is allocated.
+            value, arg = torch.addmm(codes.pow(2).sum(-1), flat, codes.T, alpha=-2.0).min(-1)
             better = value < best
             best = torch.where(better, value, best)
             index = torch.where(better, arg + c.start, index)
@@ -186,7 +195,7 @@ class Codebook(CodeSpace):
         ``"data"`` copies random feature vectors; ``"kmeans"`` seeds with k-means++ (Arthur and
         Vassilvitskii 2007) and runs Lloyd iterations.
         """
-        flat = self._flat(features.detach(), "features").to(self.weight.dtype)
+        flat = distributed.gather_rows(self._flat(features.detach(), "features").to(self.weight.dtype))
         if flat.shape[0] == 0:
             raise ValueError("features: cannot initialise a codebook from an empty batch")
         if self.init == "kmeans":
@@ -206,8 +215,9 @@ class Codebook(CodeSpace):
                 filled = counts > 0
                 centres[filled] = sums[filled] / counts[filled, None]
         self.weight.copy_(centres)
+        distributed.broadcast_(self.weight)
         self.ema_count.fill_(1.0)
-        self.ema_sum.copy_(centres)
+        self.ema_sum.copy_(self.weight)
         self.initialised.fill_(True)
 
     # -- training statistics ---------------------------------------------------------------
@@ -225,13 +235,23 @@ class Codebook(CodeSpace):
             flat = torch.cat([self._pending[2], flat])[-4 * self.num_codes :]
         self._pending = (counts, sums, flat)
 
+    def discard_step(self) -> None:
+        """Forget the statistics of a step the optimiser skipped (a non-finite loss or gradient)."""
+        self._pending = None
+
     @torch.no_grad()
     def commit(self, ema_decay: float | None = None, epsilon: float = 1e-5) -> None:
-        """Apply the observed statistics: usage EMA, optional EMA codebook, dead-code restarts."""
+        """Apply the observed statistics: usage EMA, optional EMA codebook, dead-code restarts.
+
+        Under data-parallel training the counts and sums are summed over ranks first, so every
+        rank applies the statistics of the global batch (:mod:`probvq.distributed`).
+        """
         if self._pending is None:
             return
         counts, sums, features = self._pending
         self._pending = None
+        distributed.all_reduce_sum(counts)
+        distributed.all_reduce_sum(sums)
         self.usage.mul_(self.usage_decay).add_(counts, alpha=1.0 - self.usage_decay)
         if ema_decay is not None:
             self.ema_count.mul_(ema_decay).add_(counts, alpha=1.0 - ema_decay)
@@ -240,7 +260,7 @@ class Codebook(CodeSpace):
             smoothed = (self.ema_count + epsilon) / (total + self.num_codes * epsilon) * total
             self.weight.copy_(self.ema_sum / smoothed[:, None])
         if self.restart_threshold > 0:
-            self._restart(self.usage < self.restart_threshold, features)
+            self._restart(self.usage < self.restart_threshold, distributed.gather_rows(features))
 
     def _restart(self, dead: Tensor, features: Tensor) -> None:
         n_dead = int(dead.sum())
@@ -251,6 +271,7 @@ class Codebook(CodeSpace):
         self.usage[dead] = self.restart_threshold
         self.ema_count[dead] = 1.0
         self.ema_sum[dead] = features[pick]
+        distributed.broadcast_(self.weight, self.ema_sum)
 
 
 def _kmeans_plus_plus(points: Tensor, k: int) -> Tensor:

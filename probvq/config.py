@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+PRECISIONS = ("fp32", "bf16")
+
 
 @dataclass
 class RunConfig:
@@ -47,7 +49,11 @@ class RunConfig:
     eval_every: int | None = None
     valid_size: int = 1000
     seed: int = 0
+    checkpoint_every: int = 250
+    max_bad_steps: int = 10  # consecutive skipped (non-finite) steps before the run stops
     device: str = "cpu"
+    precision: str = "fp32"
+    compile: bool = False
     out: str | None = None
     quiet: bool = False
 
@@ -55,7 +61,10 @@ class RunConfig:
         self._check_types()
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"seed: expected an integer in [0, 2**32), got {self.seed}")
-        positive = ("num_codes", "code_dim", "grid", "hidden", "epochs", "batch_size", "valid_size")
+        positive = (
+            "num_codes", "code_dim", "grid", "hidden", "epochs", "batch_size", "valid_size",
+            "checkpoint_every", "max_bad_steps",
+        )  # fmt: skip
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
@@ -71,6 +80,10 @@ class RunConfig:
             value = getattr(self, name)
             if not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name}: expected a positive number, got {value!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision: expected one of {list(PRECISIONS)}, got {self.precision!r}")
+        if self.out is not None and not self.out.strip():
+            raise ValueError("out: expected a directory path, got an empty string")
         if not math.isfinite(self.restart_threshold) or self.restart_threshold < 0:
             raise ValueError(
                 f"restart_threshold: expected a non-negative number, got {self.restart_threshold!r}"
@@ -122,7 +135,14 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--config: no such file: {path}")
-    text = path.read_text()
+    if path.suffix.lower() in (".yaml", ".yml"):
+        raise ValueError(
+            f"--config: {path}: YAML is not supported; write the settings as .toml or .json"
+        )
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--config: {path} is not a text file ({err})") from err
     try:
         values = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as err:

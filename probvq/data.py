@@ -123,12 +123,20 @@ def read_cifar_batch(path: str | Path) -> np.ndarray:
 def read_array(path: str | Path) -> np.ndarray | dict[str, np.ndarray]:
     """``.npy`` gives its array; ``.npz`` gives its arrays by key (pickled objects refused)."""
     path = _existing(path)
-    with _readable(path, "a numpy .npy/.npz file"):
-        loaded = np.load(path, allow_pickle=False)
-        if isinstance(loaded, np.ndarray):
-            return loaded
-        with loaded as archive:
-            return {key: archive[key] for key in archive.files}
+    try:
+        with _readable(path, "a numpy .npy/.npz file"):
+            loaded = np.load(path, allow_pickle=False)
+            if isinstance(loaded, np.ndarray):
+                return loaded
+            with loaded as archive:
+                return {key: archive[key] for key in archive.files}
+    except ValueError as err:
+        if "allow_pickle" not in str(err):
+            raise
+        raise ValueError(
+            f"{path}: holds pickled Python objects, which probvq never loads (unpickling can run "
+            "code); save plain numeric arrays"
+        ) from None
 
 
 # -- shaping and checking ------------------------------------------------------------------------

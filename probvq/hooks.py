@@ -6,7 +6,9 @@ model or a family may take part by defining either method:
 
 * ``before_run(total_steps)``: called once before training, with the run's length (schedules given
   relative to the run read it);
-* ``after_step()``: called after every optimiser step.
+* ``after_step()``: called after every optimiser step;
+* ``discard_step()``: called instead of ``after_step`` when the engine skips a step (a non-finite
+  loss or gradient): statistics observed during the step must be forgotten, not committed.
 
 :func:`after_step` and :func:`before_run` call them on every distinct submodule of the given roots
 that defines them, each once, in ``modules()`` order. :func:`probvq.inference.fit` calls both; a
@@ -46,3 +48,9 @@ def after_step(*roots: nn.Module) -> None:
     """Run the ``after_step`` hook of every module under ``roots`` that defines one."""
     for module in _with("after_step", roots):
         module.after_step()
+
+
+def discard_step(*roots: nn.Module) -> None:
+    """Run the ``discard_step`` hook of every module under ``roots`` that defines one."""
+    for module in _with("discard_step", roots):
+        module.discard_step()

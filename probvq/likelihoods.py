@@ -34,6 +34,9 @@ def _image(pixels: TorchDistribution) -> TorchDistribution:
     return dist.Independent(pixels, 3, validate_args=False)
 
 
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
 class Likelihood(nn.Module):
     """Abstract base of observation models."""
 
@@ -55,6 +58,10 @@ class Likelihood(nn.Module):
 
     def forward(self, out: Tensor) -> TorchDistribution:
         raise NotImplementedError
+
+    def __call__(self, out: Tensor) -> TorchDistribution:
+        # A log-density is a sum over every pixel: under bf16/fp16 autocast it is scored in float32.
+        return super().__call__(out.float() if out.dtype in LOW_PRECISION else out)
 
 
 class Bernoulli(Likelihood):

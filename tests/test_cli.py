@@ -25,7 +25,10 @@ def run_dir(tmp_path_factory):
 
 def test_train_writes_a_complete_run_directory(run_dir, capsys):
     names = {p.name for p in run_dir.iterdir()}
-    assert names == {"config.json", "metrics.jsonl", "best.pt", "final.pt", "summary.json"}
+    assert names == {
+        "config.json", "run.json", "metrics.jsonl", "best.pt", "final.pt", "last.pt",
+        "summary.json",
+    }  # fmt: skip
     config = json.loads((run_dir / "config.json").read_text())
     assert config["family"] == "sq" and config["codebook_init"] == "normal"
     assert config["likelihood"] == "bernoulli"
@@ -167,7 +170,8 @@ def test_corrupted_or_foreign_checkpoints_are_refused(tmp_path, run_dir, capsys)
         load_checkpoint(tmp_path / "missing.pt")
     broken = tmp_path / "broken_run"
     broken.mkdir()
-    (broken / "config.json").write_text((run_dir / "config.json").read_text())
+    for name in ("config.json", "run.json"):
+        (broken / name).write_text((run_dir / name).read_text())
     (broken / "best.pt").write_bytes((run_dir / "best.pt").read_bytes()[:100])
     assert main(["evaluate", str(broken), "--quiet"]) == 2
     assert "corrupted" in capsys.readouterr().err

@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from dataclasses import replace
 
 import torch
 from pyro.infer import ELBO
@@ -199,6 +200,9 @@ class GuideFamily(nn.Module):
         if not request.in_guide:
             return request.value(self.model_codes(request))
         self.check_features(request.sites[0], request.features)
+        if request.features.dtype in (torch.float16, torch.bfloat16):
+            # Distances, softmaxes over codes and KLs stay in float32 under autocast.
+            request = replace(request, features=request.features.float())
         return request.value(self.guide_codes(request))
 
     def model_codes(self, request: CodeRequest) -> list[Tensor]:

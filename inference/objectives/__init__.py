@@ -1,6 +1,6 @@
 """Objectives read off Pyro traces: ELBO terms, the training ELBO, evaluation, importance weights."""
 
-from .elbo import CodeELBO, surrogate_loss
+from .elbo import CodeELBO, surrogate_terms
 from .evaluate import PointTerms, evaluate, point_terms, summarise
 from .importance import iwae_bound, log_weights
 from .terms import ElboTerms, code_indices, elbo_terms, log_weight, run_traces, site_terms
@@ -19,5 +19,5 @@ __all__ = [
     "run_traces",
     "site_terms",
     "summarise",
-    "surrogate_loss",
+    "surrogate_terms",
 ]

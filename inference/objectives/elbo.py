@@ -30,9 +30,16 @@ from pyro.util import check_site_shape
 from .terms import run_traces, site_terms
 
 
-def surrogate_loss(model_trace: Trace, guide_trace: Trace) -> torch.Tensor:
-    """The differentiable negative ELBO plus penalties of one guide sample (scaled sums)."""
-    return sum(term.scaled().sum() for term in site_terms(model_trace, guide_trace))
+def surrogate_terms(model_trace: Trace, guide_trace: Trace) -> dict[str, torch.Tensor]:
+    """Each site's share of the differentiable loss of one guide sample (scaled sums), by name.
+
+    A latent's rate and its prior factors share the latent's name; regularisers keep their own.
+    """
+    terms: dict[str, torch.Tensor] = {}
+    for term in site_terms(model_trace, guide_trace):
+        value = term.scaled().sum()
+        terms[term.name] = terms[term.name] + value if term.name in terms else value
+    return terms
 
 
 class CodeELBO(ELBO):
@@ -50,11 +57,17 @@ class CodeELBO(ELBO):
                         check_site_shape(shaped, self.max_plate_nesting)
         return model_trace, guide_trace
 
-    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        loss = 0.0
+    def differentiable_terms(self, model, guide, *args, **kwargs) -> dict[str, torch.Tensor]:
+        """The loss split by site (averaged over particles): what names the site of a NaN."""
+        totals: dict[str, torch.Tensor] = {}
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
-            loss = loss + surrogate_loss(model_trace, guide_trace) / self.num_particles
-        return loss
+            for name, value in surrogate_terms(model_trace, guide_trace).items():
+                share = value / self.num_particles
+                totals[name] = totals[name] + share if name in totals else share
+        return totals
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+        return sum(self.differentiable_terms(model, guide, *args, **kwargs).values(), torch.tensor(0.0))
 
     def loss(self, model, guide, *args, **kwargs) -> float:
         with torch.no_grad():

@@ -1,38 +1,75 @@
-"""Stochastic variational inference for a model/guide pair under a guide family.
+"""Stochastic variational inference for a model/guide pair under a guide family: the engine.
 
-Before the first step every module that takes the run's length hears it (``before_run``: relative
-schedules). Each step draws a minibatch, evaluates the family's Pyro ELBO (``family.elbo()``,
-:class:`~..objectives.elbo.CodeELBO` for the codebook and binary families) through its
-``differentiable_loss``, clips the global gradient norm and takes an Adam step over the networks'
-and the family's parameters; then every module's ``after_step`` hook runs (:mod:`probvq.hooks`): the
-families commit codebook statistics (EMA, restarts) and advance their temperature schedules, and a
-model's own state (e.g. persistent chains) moves on. Every
-``eval_every`` steps the exact ELBO, surrogate gap and codebook perplexity are measured on a
-validation slice, logged to ``metrics.jsonl``, and the best checkpoint (by exact ELBO) is kept.
+**A step.** Draw the next global batch (:class:`.state.DataOrder`), evaluate the family's Pyro ELBO
+split by site (``family.elbo().differentiable_terms``; :class:`~..objectives.elbo.CodeELBO` for
+the codebook and binary families), backpropagate, clip the global gradient norm and take an Adam
+step over the networks' and the family's parameters; then every module's ``after_step`` hook runs
+(:mod:`probvq.hooks`): families commit codebook statistics and advance temperature schedules, a
+model's own state (e.g. persistent chains) moves on. Every ``eval_every`` steps the exact ELBO,
+surrogate gap and perplexity are measured on a validation slice and logged to ``metrics.jsonl``;
+the best checkpoint by exact ELBO is kept.
+
+**Faults.** A step whose loss or gradient is not finite is skipped: no optimiser step, and the
+statistics it observed are discarded (``discard_step`` hooks). It is logged to ``faults.jsonl`` and
+stderr with the sites whose loss terms, or the parameters whose gradients, were not finite. After
+``max_bad_steps`` consecutive skipped steps the run stops (:class:`DivergenceError`), keeping its
+last good checkpoint.
+
+**Checkpoints and resume.** Every ``checkpoint_every`` steps and at the end, ``last.pt`` holds the
+model, family and optimiser states (schedules and hook state are module buffers), the random states
+of every rank (:mod:`.state`), the data order and its position, the step, and the history so far.
+``fit(..., resume=state)`` continues from such a checkpoint; on the CPU the result is bitwise the
+one of an uninterrupted run. SIGINT and SIGTERM end the current step, save ``last.pt`` and raise
+:class:`TrainingInterruptedError`; a second signal stops at once.
+
+**Data parallel.** Under ``torchrun`` (a process group initialised by the caller) each rank takes
+its slice of every global batch, DistributedDataParallel averages the gradients, codebooks
+all-reduce their statistics (:mod:`probvq.distributed`), ranks agree on skipping and stopping,
+and only the rank given a run directory (rank 0) evaluates and writes.
+
+**Speed.** ``precision="bf16"`` runs the programs under bfloat16 autocast (distances, softmaxes
+over codes, KLs, likelihoods and codebook updates stay in float32: see the codebook, families and
+likelihoods); ``compile=True`` compiles the model's networks (``nn.Module.compile``, so state-dict
+keys do not change); on CUDA, batches are gathered into pinned memory and copied asynchronously.
 """
 
 from __future__ import annotations
 
 import math
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import pyro
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from probvq import distributed
 from probvq.config import RunConfig
-from probvq.hooks import after_step, before_run
-from probvq.sites import DiscreteVAE
+from probvq.hooks import after_step, before_run, discard_step
+from probvq.sites import CodeGroup, CodeSite, DiscreteVAE
+from probvq.spaces import CodeSpace
 
 from ..objectives.evaluate import check_inputs, evaluate
 from .checkpoint import RunDir, save_checkpoint
+from .state import DataOrder, rng_state, set_rng_state
 
 if TYPE_CHECKING:
     from ..families import FamilyStack, GuideFamily
+
+
+class TrainingInterruptedError(Exception):
+    """Training stopped by a signal after saving its checkpoint (the message says how to resume)."""
+
+
+class DivergenceError(FloatingPointError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
 
 
 @dataclass
@@ -40,6 +77,7 @@ class TrainResult:
     steps: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] | None = None
+    faults: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _better(metrics: dict[str, Any], than: dict[str, Any]) -> bool:
@@ -48,11 +86,80 @@ def _better(metrics: dict[str, Any], than: dict[str, Any]) -> bool:
     return new > old or (math.isnan(old) and not math.isnan(new))
 
 
-def _minibatches(n: int, batch_size: int, generator: torch.Generator):
-    while True:
-        order = torch.randperm(n, generator=generator)
-        for start in range(0, n - batch_size + 1, batch_size):
-            yield order[start : start + batch_size]
+class _Objective(nn.Module):
+    """The per-example negative ELBO split by site, as a module so DDP can hook its backward."""
+
+    def __init__(self, vae: nn.Module, family: GuideFamily | FamilyStack) -> None:
+        super().__init__()
+        self.vae, self.family = vae, family
+        elbo = family.elbo(max_plate_nesting=1)
+        self.terms = getattr(elbo, "differentiable_terms", None)
+        self.loss = elbo.differentiable_loss
+        self.programs = (
+            family.wrap(vae.model, pyro_params=False),
+            family.wrap(vae.guide, pyro_params=False),
+        )
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        if self.terms is None:
+            return {"loss": self.loss(*self.programs, x) / x.shape[0]}
+        return {name: value / x.shape[0] for name, value in self.terms(*self.programs, x).items()}
+
+
+class _Signals:
+    """SIGINT/SIGTERM ask the loop to stop at the next step boundary; a second one stops at once."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def __enter__(self) -> _Signals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def _compile_networks(vae: nn.Module) -> None:
+    """Compile each child of ``vae`` that holds no code site or space (its networks), in place."""
+    for child in vae.children():
+        if not any(isinstance(m, CodeSite | CodeGroup | CodeSpace) for m in child.modules()):
+            child.compile()
+
+
+def _non_finite(named: list[tuple[str, nn.Parameter]]) -> list[str]:
+    return [name for name, p in named if p.grad is not None and not torch.isfinite(p.grad).all()]
+
+
+def _describe(fault: dict[str, Any]) -> str:
+    where = ", ".join(repr(name) for name in fault["where"]) or "unknown"
+    if fault["kind"] == "loss":
+        return f"loss {fault['loss']} at site {where}"
+    return f"non-finite gradient of {where}"
+
+
+@dataclass
+class _Progress:
+    """The run's record so far; saved with every checkpoint."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None
+    faults: list[dict[str, Any]] = field(default_factory=list)
+    window: list[float] = field(default_factory=list)
+    bad_in_row: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
 
 
 def fit(
@@ -62,91 +169,194 @@ def fit(
     valid_x: Tensor,
     config: RunConfig,
     run: RunDir | None = None,
+    resume: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train ``vae`` under ``family`` on prepared data; returns the evaluation history.
 
-    ``config`` supplies ``epochs``, ``max_steps``, ``batch_size``, ``lr``, ``clip_norm``,
-    ``eval_every``, ``valid_size``, ``seed``, ``device`` and ``quiet``.
+    ``config`` supplies the training settings (``epochs``, ``max_steps``, ``batch_size``, ``lr``,
+    ``clip_norm``, ``eval_every``, ``valid_size``, ``checkpoint_every``, ``max_bad_steps``,
+    ``seed``, ``device``, ``precision``, ``compile``, ``quiet``). With ``run``, metrics, faults and
+    checkpoints are written there; ``resume`` is a checkpoint of that run to continue from.
     """
     if not isinstance(vae, nn.Module):
         raise TypeError(f"vae: expected an nn.Module with model/guide, got {type(vae).__name__}")
     check_inputs(vae, train_x, "train_x")
     check_inputs(vae, valid_x, "valid_x")
+    ranks, rank = distributed.world_size(), distributed.rank()
+    batch_size = min(config.batch_size, train_x.shape[0])
+    if batch_size % ranks:
+        raise ValueError(f"batch_size: {batch_size} does not split evenly over {ranks} processes")
     device = torch.device(config.device)
     vae.to(device)
     family.to(device)
-    pyro.set_rng_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
-    batch_size = min(config.batch_size, train_x.shape[0])
-    steps_per_epoch = max(1, train_x.shape[0] // batch_size)
+    pyro.set_rng_seed(config.seed + rank)
+    order = DataOrder(train_x.shape[0], batch_size, config.seed)
+    steps_per_epoch = train_x.shape[0] // batch_size
     total = config.epochs * steps_per_epoch
     total = min(total, config.max_steps) if config.max_steps else total
     eval_every = config.eval_every or steps_per_epoch
     valid = valid_x[: config.valid_size]
 
-    parameters = [p for m in (vae, family) for p in m.parameters()]
+    objective = _Objective(vae, family)
+    named = [(f"{prefix}.{n}", p) for prefix, m in (("model", vae), ("family", family))
+             for n, p in m.named_parameters()]  # fmt: skip
+    parameters = [p for _, p in named]
     optimiser = torch.optim.Adam(parameters, lr=config.lr)
-    loss_fn = family.elbo(max_plate_nesting=1).differentiable_loss
-    model, guide = family.wrap(vae.model, pyro_params=False), family.wrap(vae.guide, pyro_params=False)
-    result = TrainResult()
-    window: list[float] = []
-    started = time.perf_counter()
+    progress, start = _Progress(), 0
+    if resume is not None:
+        vae.load_state_dict(resume["model"])
+        family.load_state_dict(resume["family"])
+        optimiser.load_state_dict(resume["optimizer"])
+        order.load_state_dict(resume["data"])
+        if len(resume["rng"]) != ranks:
+            raise ValueError(
+                f"--resume: the checkpoint was written by {len(resume['rng'])} processes, this run "
+                f"has {ranks}; resume with the same number"
+            )
+        set_rng_state(resume["rng"][rank])
+        progress, start = _Progress(**resume["progress"]), int(resume["step"])
+    if config.compile:
+        _compile_networks(vae)
+    step_fn = objective
+    if distributed.active():
+        step_fn = DistributedDataParallel(
+            objective, find_unused_parameters=True, broadcast_buffers=False
+        )  # codebook buffers stay equal through their all-reduced statistics
+    main = distributed.is_main()
+    shard = slice(rank * batch_size // ranks, (rank + 1) * batch_size // ranks)
+    rows = (shard.stop - shard.start, *train_x.shape[1:])
+    staging = torch.empty(rows, pin_memory=True) if device.type == "cuda" else None
+
+    def checkpoint(step: int, names: tuple[str, ...]) -> None:
+        """Write ``names``; ``last`` is a collective (it holds every rank's random state)."""
+        states: list[Any] = [rng_state()]
+        if "last" in names and distributed.active():
+            states = [None] * ranks
+            dist.all_gather_object(states, rng_state())
+        if run is None:
+            return
+        state = {
+            "run_id": run.run_id,
+            "config": run.config(),
+            "image_shape": list(train_x.shape[1:]),
+            "model": vae.state_dict(),
+            "family": family.state_dict(),
+            "optimizer": optimiser.state_dict(),
+            "step": step,
+            "total_steps": total,
+            "rng": states,
+            "data": order.state_dict(),
+            "progress": {
+                **progress.to_dict(),
+                "seconds": elapsed(),
+            },
+            "metrics": progress.history[-1] if progress.history else None,
+        }
+        for name in names:
+            run.save(name, state) if name == "last" else save_checkpoint(run.checkpoint(name), state)
+
     bar = tqdm(
         total=total,
+        initial=start,
         desc=f"train {type(vae).__name__.lower()}/{family.name}",
-        disable=config.quiet or not sys.stderr.isatty(),
+        disable=config.quiet or not sys.stderr.isatty() or not main,
     )
     vae.train()
     family.train()
     before_run(total, vae, family)
-    batches = _minibatches(train_x.shape[0], batch_size, generator)
-    for step in range(1, total + 1):
-        x = train_x[next(batches)].to(device)
-        loss = loss_fn(model, guide, x) / x.shape[0]
-        if not torch.isfinite(loss):
-            bar.close()
-            raise FloatingPointError(
-                f"training diverged at step {step} (loss {float(loss)}); lower --lr or --clip-norm"
-            )
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(parameters, config.clip_norm)
-        optimiser.step()
-        after_step(vae, family)
-        window.append(loss.item())
-        bar.update()
-        bar.set_postfix(loss=f"{sum(window[-50:]) / len(window[-50:]):.2f}")
-        if step % eval_every and step != total:
-            continue
-        metrics = evaluate(vae, family, valid, batch_size=max(batch_size, 256), seed=config.seed)
-        record = {
-            "step": step,
-            "epoch": step / steps_per_epoch,
-            "loss": sum(window) / len(window),
-            "temperature": getattr(family, "temperature", None),
-            "seconds": time.perf_counter() - started,
-            "valid": metrics,
-        }
-        window = []
-        result.history.append(record)
-        bar.set_postfix(loss=f"{record['loss']:.2f}", exact=f"{metrics['exact_elbo']['mean']:.2f}")
-        improved = result.best is None or _better(metrics, result.best["valid"])
-        if improved:
-            result.best = record
-        if run is not None:
-            run.log(record)
-            state = {
-                "model": vae.state_dict(),
-                "family": family.state_dict(),
-                "optimizer": optimiser.state_dict(),
-                "step": step,
-                "config": config.to_dict(),
-                "metrics": record,
-            }
-            if improved:
-                save_checkpoint(run.checkpoint("best"), state)
-            if step == total:
-                save_checkpoint(run.checkpoint("final"), state)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
+    began = time.perf_counter()
+
+    def elapsed() -> float:
+        return progress.seconds + time.perf_counter() - began
+
+    saved_at = start
+    with _Signals() as signals:
+        for step in range(start + 1, total + 1):
+            index = order.next()[shard]
+            if staging is not None:
+                # The copy below is consumed before the next step refills the buffer: every step
+                # waits for its loss on the host.
+                x = torch.index_select(train_x, 0, index, out=staging).to(device, non_blocking=True)
+            else:
+                x = train_x[index].to(device)
+            with autocast:
+                terms = step_fn(x)
+            loss = sum(terms.values())
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            norm = nn.utils.clip_grad_norm_(parameters, config.clip_norm)
+            stop = signals.received is not None
+            flags = torch.stack(
+                [~torch.isfinite(loss.detach()), torch.tensor(stop, device=device)]
+            ).float()
+            distributed.all_reduce_sum(flags)
+            if flags[0] or not torch.isfinite(norm):
+                names = [n for n, v in terms.items() if not torch.isfinite(v)]
+                fault = {"step": step, "kind": "loss" if names else "gradient", "loss": float(loss),
+                         "where": names or _non_finite(named)}  # fmt: skip
+                discard_step(vae, family)
+                progress.faults.append(fault)
+                progress.bad_in_row += 1
+                if run is not None:
+                    run.log(fault, "faults")
+                if main:
+                    tqdm.write(
+                        f"probvq: warning: step {step} skipped: {_describe(fault)}", file=sys.stderr
+                    )
+                if progress.bad_in_row >= config.max_bad_steps:
+                    bar.close()
+                    kept = f"{run.checkpoint('last')} (step {saved_at})" if run and saved_at else None
+                    raise DivergenceError(
+                        f"training stopped at step {step}: {progress.bad_in_row} consecutive steps "
+                        f"with a non-finite loss or gradient (last: {_describe(fault)}); "
+                        + (f"the last good checkpoint is {kept}; " if kept else "")
+                        + "lower --lr or --clip-norm, or raise --max-bad-steps"
+                    )
+            else:
+                optimiser.step()
+                after_step(vae, family)
+                progress.bad_in_row = 0
+                progress.window.append(loss.item())
+            bar.update()
+            if progress.window:
+                recent = progress.window[-50:]
+                bar.set_postfix(loss=f"{sum(recent) / len(recent):.2f}")
+            if main and (step % eval_every == 0 or step == total):
+                metrics = evaluate(vae, family, valid, batch_size=max(batch_size, 256), seed=config.seed)
+                window = progress.window or [math.nan]
+                record = {
+                    "step": step,
+                    "epoch": step / steps_per_epoch,
+                    "loss": sum(window) / len(window),
+                    "temperature": getattr(family, "temperature", None),
+                    "seconds": elapsed(),
+                    "valid": metrics,
+                }
+                progress.window = []
+                progress.history.append(record)
+                if run is not None:
+                    run.log(record)
+                improved = progress.best is None or _better(metrics, progress.best["valid"])
+                if improved:
+                    progress.best = record
+                bar.set_postfix(
+                    loss=f"{record['loss']:.2f}", exact=f"{metrics['exact_elbo']['mean']:.2f}"
+                )
+                if improved:
+                    checkpoint(step, ("best",))
+            # One process reads its own flag now; ranks act on the flag they agreed on this step.
+            stop = bool(flags[1]) if distributed.active() else signals.received is not None
+            interrupted = stop and step < total
+            if step % config.checkpoint_every == 0 or step == total or interrupted:
+                checkpoint(step, ("last", "final") if step == total else ("last",))
+                saved_at = step
+            if interrupted:
+                bar.close()
+                where = f"saved {run.checkpoint('last')}" if run else "nothing saved (no run directory)"
+                raise TrainingInterruptedError(
+                    f"interrupted ({signals.received or 'signal on another rank'}) at step {step}; "
+                    f"{where}; continue with: probvq train --resume {run.path if run else 'RUN_DIR'}"
+                )
     bar.close()
-    result.steps = total
-    return result
+    return TrainResult(steps=total, history=progress.history, best=progress.best, faults=progress.faults)

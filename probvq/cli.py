@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import sys
 import time
 import types
@@ -211,7 +210,7 @@ def train_command(args: argparse.Namespace) -> int:
     except (DivergenceError, OSError, ValueError):
         # A run that never reached a checkpoint holds nothing to resume: leave no directory.
         if run is not None and not run.checkpoint("last").exists():
-            shutil.rmtree(run.path, ignore_errors=True)
+            run.discard()
         raise
 
 

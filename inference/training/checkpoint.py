@@ -186,6 +186,7 @@ class RunDir:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self.created_parents: list[Path] = []
 
     @staticmethod
     def check_new(path: str | Path, flag: str = "--out") -> None:
@@ -205,10 +206,17 @@ class RunDir:
     def create(cls, path: str | Path, config: dict[str, Any]) -> RunDir:
         """Make a new run directory holding ``config.json`` and ``run.json``, or nothing at all."""
         cls.check_new(path)
+        run = cls(path)
+        run.created_parents = [p for p in reversed(run.path.absolute().parents) if not p.exists()]
         with new_directory(path) as tmp:
             write_json(tmp / "config.json", config)
             write_json(tmp / "run.json", {"run_id": uuid.uuid4().hex})
-        return cls(path)
+        return run
+
+    def discard(self) -> None:
+        """Remove a new run that holds nothing to resume, with the parents its creation made."""
+        shutil.rmtree(self.path, ignore_errors=True)
+        _remove_empty(self.created_parents)
 
     @classmethod
     def open(cls, path: str | Path) -> RunDir:

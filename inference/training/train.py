@@ -280,12 +280,15 @@ def fit(
                 x = torch.index_select(train_x, 0, index, out=staging).to(device, non_blocking=True)
             else:
                 x = train_x[index].to(device)
-            with autocast:
+            # Pyro validates distributions on the first step (shape and support errors surface
+            # there); afterwards a NaN must reach the loss terms, where the step is skipped.
+            with autocast, pyro.validation_enabled(step == start + 1):
                 terms = step_fn(x)
             loss = sum(terms.values())
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
-            norm = nn.utils.clip_grad_norm_(parameters, config.clip_norm)
+            grads = [p.grad for p in parameters if p.grad is not None]
+            norm = nn.utils.get_total_norm(grads)
             stop = signals.received is not None
             flags = torch.stack(
                 [~torch.isfinite(loss.detach()), torch.tensor(stop, device=device)]
@@ -293,7 +296,7 @@ def fit(
             distributed.all_reduce_sum(flags)
             if flags[0] or not torch.isfinite(norm):
                 names = [n for n, v in terms.items() if not torch.isfinite(v)]
-                fault = {"step": step, "kind": "loss" if names else "gradient", "loss": float(loss),
+                fault = {"step": step, "kind": "loss" if names else "gradient", "loss": loss.item(),
                          "where": names or _non_finite(named)}  # fmt: skip
                 discard_step(vae, family)
                 progress.faults.append(fault)
@@ -314,6 +317,7 @@ def fit(
                         + "lower --lr or --clip-norm, or raise --max-bad-steps"
                     )
             else:
+                nn.utils.clip_grads_with_norm_(parameters, config.clip_norm, norm)
                 optimiser.step()
                 after_step(vae, family)
                 progress.bad_in_row = 0
@@ -348,7 +352,9 @@ def fit(
             # One process reads its own flag now; ranks act on the flag they agreed on this step.
             stop = bool(flags[1]) if distributed.active() else signals.received is not None
             interrupted = stop and step < total
-            if step % config.checkpoint_every == 0 or step == total or interrupted:
+            # Within a streak of skipped steps the last checkpoint stays the last good one.
+            periodic = step % config.checkpoint_every == 0 and progress.bad_in_row == 0
+            if periodic or step == total or interrupted:
                 checkpoint(step, ("last", "final") if step == total else ("last",))
                 saved_at = step
             if interrupted:

@@ -35,11 +35,13 @@ keys do not change); on CUDA, batches are gathered into pinned memory and copied
 
 from __future__ import annotations
 
+import inspect
 import math
 import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +64,9 @@ from .state import DataOrder, rng_state, set_rng_state
 
 if TYPE_CHECKING:
     from ..families import FamilyStack, GuideFamily
+
+
+_DDP_OPTIONS = inspect.signature(DistributedDataParallel).parameters
 
 
 class TrainingInterruptedError(Exception):
@@ -219,9 +224,12 @@ def fit(
         _compile_networks(vae)
     step_fn = objective
     if distributed.active():
-        step_fn = DistributedDataParallel(
-            objective, find_unused_parameters=True, broadcast_buffers=False
-        )  # codebook buffers stay equal through their all-reduced statistics
+        # Size-1 dimensions give a gradient other strides than its bucket view: harmless here.
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+        # Codebook buffers are broadcast once, at construction; afterwards they stay equal through
+        # their all-reduced statistics. The graph is static: every step runs the same sites.
+        sync = "forward_sync_buffers" if "forward_sync_buffers" in _DDP_OPTIONS else "broadcast_buffers"
+        step_fn = DistributedDataParallel(objective, static_graph=True, **{sync: False})
     main = distributed.is_main()
     shard = slice(rank * batch_size // ranks, (rank + 1) * batch_size // ranks)
     rows = (shard.stop - shard.start, *train_x.shape[1:])

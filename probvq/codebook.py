@@ -168,7 +168,9 @@ class Codebook(CodeSpace):
         return self.weight
 
     def embed(self, weights: Tensor) -> Tensor:
-        return weights @ self.weight
+        # In the codebook's dtype under autocast too: the code built from it carries the index.
+        with torch.autocast(weights.device.type, enabled=False):
+            return weights.to(self.weight.dtype) @ self.weight
 
     def embed_index(self, index: Tensor) -> Tensor:
         return nn.functional.embedding(index, self.weight)

@@ -76,6 +76,10 @@ class VQVAE(nn.Module):
     def code_sites(self) -> list[CodeSite]:
         return [self.z]
 
+    def data_encoders(self) -> tuple[nn.Module, ...]:
+        """The encoder: in eval mode the features of image i depend on image i alone."""
+        return (self.encoder,)
+
     def check_data(self, x: Tensor, name: str = "x") -> None:
         """Refuse data that is not a batch of prepared images of this model's shape."""
         if tuple(x.shape[1:]) != self.image_shape:

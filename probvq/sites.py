@@ -208,7 +208,13 @@ class DiscreteVAE(Protocol):
 
     ``model(x)`` and ``guide(x)`` take a batch of data (already transformed by the model's
     likelihood) and run inside a ``pyro.plate`` named :data:`DATA_PLATE`. A model may also define
-    ``check_data(x, name)``, which training and evaluation call once before any work.
+
+    * ``check_data(x, name)``, which training and evaluation call once before any work;
+    * ``data_encoders()``, a sequence of the submodules that are deterministic per-row functions
+      of the data alone: in eval mode, row ``i`` of a module's output depends only on row ``i`` of
+      the data (no dropout, no batch statistics, no code sampled before it). Evaluation that
+      repeats each point's rows, such as importance sampling, then runs them once per point
+      (:mod:`probvq.repeats`). Absent means none: everything runs on every row.
     """
 
     code_sites: Sequence[CodeSite]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from probvq.inference.diagnostics.memory import MIB, PeakMemory, rows_within
+from probvq.inference.diagnostics.memory import MIB, PeakMemory, row_cost
 
 
 def test_peak_counts_live_tensors_not_freed_ones():
@@ -32,19 +32,37 @@ def test_views_of_storage_made_before_the_block_cost_nothing():
     assert flat.numel() and transposed.numel() and peak.bytes == 0
 
 
-def test_rows_within_solves_the_linear_fit_for_the_cap():
-    def run(rows):
-        return torch.zeros(rows, 256) + 1  # two live (rows, 256) float tensors: 2 KiB per row
+def test_row_cost_solves_the_linear_fit_for_the_cap():
+    def run(points, draws):
+        return torch.zeros(points * draws, 256) + 1  # two live (rows, 256) float tensors: 2 KiB a row
 
-    assert rows_within(MIB, run, "cpu") == 512
+    cost = row_cost(run, "cpu")
+    assert (cost.fixed, cost.per_row, cost.per_point) == (0, 2048, 0)
+    assert cost.rows_within(MIB, 1) == cost.rows_within(MIB, 100) == 512
     with PeakMemory() as peak:
-        run(rows_within(3 * MIB, run, "cpu"))
+        run(1, cost.rows_within(3 * MIB, 1))
     assert peak.bytes <= 3 * MIB
 
 
+@pytest.mark.parametrize("k", [1, 7, 100, 5000])
+def test_per_point_memory_is_fitted_and_the_cap_holds_for_every_k(k):
+    def run(points, draws):  # 4 KiB per point (an encoder's work), 1 KiB per row
+        return torch.empty(points, 1024), torch.empty(points * draws, 256)
+
+    cost = row_cost(run, "cpu")
+    assert (cost.fixed, cost.per_row, cost.per_point) == (0, 1024, 4096)
+    rows = cost.rows_within(MIB, k)
+    points = max(1, rows // k)  # the passes of importance.log_weights
+    with PeakMemory() as peak:
+        run(points, min(k, rows // points))
+    assert peak.bytes <= MIB
+    assert rows == {1: 204, 7: 649, 100: 980, 5000: 1019}[k]  # (cap - 4096) // (1024 + 4096 / k)
+
+
 def test_a_cap_too_small_for_one_row_is_refused():
+    cost = row_cost(lambda points, draws: torch.zeros(points * draws, 1024), "cpu")
     with pytest.raises(ValueError, match="too small"):
-        rows_within(1000, lambda rows: torch.zeros(rows, 1024), "cpu")
+        cost.rows_within(1000, 1)
     for cap in (0, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="positive finite"):
-            rows_within(cap, lambda rows: None, "cpu")
+            cost.rows_within(cap, 1)

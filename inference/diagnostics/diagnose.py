@@ -13,7 +13,8 @@
 * codebook usage per code site over the whole pass (perplexity, dead codes, counts).
 
 Memory: every pass holds at most the rows (points x draws) that fit under ``memory_mib``, measured
-by two probe passes (:mod:`.memory`).
+by three probe passes (:mod:`.memory`). The model's data encoders run once per point of a pass
+(:func:`probvq.repeats.data_encoders`), the rest of the guide and the model once per draw.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from probvq.likelihoods import bits_per_dim
+from probvq.repeats import data_encoders, once_per_point
 from probvq.sites import DiscreteVAE
 
 from ..objectives.evaluate import (
@@ -39,7 +41,7 @@ from ..objectives.evaluate import (
 )
 from ..objectives.importance import curve_sizes, iwae_bound, log_weights, sample_log_weights
 from ..objectives.terms import observed_means, run_traces
-from .memory import MIB, rows_within
+from .memory import MIB, row_cost
 from .psis import khat_summary, pareto_khat
 
 if TYPE_CHECKING:
@@ -139,19 +141,23 @@ def diagnose(
     check_settings(k, memory_mib, batch_size, examples)
     check_inputs(vae, x)
     model, guide = family.wrap(vae.model, pyro_params=False), family.wrap(vae.guide, pyro_params=False)
+    encoders, cap = data_encoders(vae), memory_mib * MIB
     with evaluation(vae, family, seed) as device, family.exact():
         first = x[:1].to(device)
-        rows = rows_within(
-            memory_mib * MIB,
-            lambda n: sample_log_weights(model, guide, first.repeat_interleave(n, dim=0)),
-            device,
-        )
+
+        def probe(points: int, draws: int) -> Tensor:
+            with once_per_point(encoders, draws):
+                return sample_log_weights(model, guide, first.repeat_interleave(points * draws, dim=0))
+
+        cost = row_cost(probe, device)
         observed = observed_means(run_traces(model, guide, x[:examples].to(device))[0])
-    terms = point_terms(vae, family, x, min(batch_size, rows), seed, progress)
+    rows = cost.rows_within(cap, k)
+    # The decomposition draws once per point, so its encoders run on every row.
+    terms = point_terms(vae, family, x, min(batch_size, cost.rows_within(cap, 1)), seed, progress)
     found = _Importance({size: [] for size in curve_sizes(k)})
     with evaluation(vae, family, seed) as device, family.exact():
         bar = tqdm(total=x.shape[0], desc=f"iwae k={k}", disable=not progress, leave=False)
-        for log_w in log_weights(model, guide, x.to(device), k, rows):
+        for log_w in log_weights(model, guide, x.to(device), k, rows, encoders):
             found.add(log_w.double().cpu(), keep_log_weights)
             bar.update(log_w.shape[0])
         bar.close()

@@ -1,10 +1,17 @@
 """Peak memory of a computation, and how many rows fit under a cap.
 
-Importance-weighted bounds run ``points x samples`` rows through the model; the rows per forward
-pass are what a memory cap limits. The memory of a no-grad pass grows linearly with its rows, so two
-small probe passes give its slope and intercept, and the cap gives the largest batch of rows::
+Importance-weighted bounds run ``points x draws`` rows through the model; the rows per forward
+pass are what a memory cap limits. The data encoders run once per point
+(:func:`probvq.repeats.once_per_point`), the rest once per row, so the memory of a no-grad pass
+grows linearly with both. Three small probe passes, ``(points, draws) = (1, p), (1, 2p), (p, 1)``,
+give the fixed cost ``a``, the per-row cost ``b`` and the per-point cost ``e``::
 
-    peak(r) ~= a + b r    =>    rows = floor((cap - a) / b)
+    peak(points, draws) ~= a + b rows + e points,        rows = points x draws
+
+A pass of at most ``R`` rows with ``k`` draws per point holds ``max(1, R / k)`` points or fewer, so
+``peak <= a + e + (b + e / k) R`` and the cap gives the largest batch of rows::
+
+    rows = floor((cap - a - e) / (b + e / k))
 
 Peaks are measured the same way on every device: on CUDA from the allocator's own peak counter; on
 the CPU by counting every tensor storage created inside the block while it lives (a dispatch mode
@@ -15,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import TracebackType
 
 import torch
@@ -87,27 +95,46 @@ class PeakMemory:
             self.bytes = self._counter.peak
 
 
-def rows_within(
-    cap_bytes: float, run: Callable[[int], object], device: torch.device | str, probe: int = 4
-) -> int:
-    """The most rows one ``run(rows)`` may take so that its peak memory stays under ``cap_bytes``.
+@dataclass(frozen=True)
+class RowCost:
+    """Peak bytes of a pass: ``fixed + per_row * rows + per_point * points``."""
 
-    ``run`` is measured at ``probe`` and ``2 * probe`` rows; the linear fit through the two peaks is
-    solved for the cap. Raises ``ValueError`` when even one row would not fit.
+    fixed: float
+    per_row: float
+    per_point: float
+
+    def rows_within(self, cap_bytes: float, k: int) -> int:
+        """The most rows per pass with ``k`` draws per point whose peak stays under ``cap_bytes``.
+
+        Raises ``ValueError`` when even one row would not fit.
+        """
+        if not (math.isfinite(cap_bytes) and cap_bytes > 0):
+            raise ValueError(f"memory cap: expected a positive finite size, got {cap_bytes!r} bytes")
+        if k < 1:
+            raise ValueError(f"k: expected a positive number of draws per point, got {k!r}")
+        room = cap_bytes - self.fixed - self.per_point
+        rows = int(room // (self.per_row + self.per_point / k)) if room > 0 else 0
+        if rows < 1:
+            raise ValueError(
+                f"memory cap: {cap_bytes / MIB:.2f} MiB is too small; one row needs about "
+                f"{(self.fixed + self.per_point + self.per_row) / MIB:.2f} MiB"
+            )
+        return rows
+
+
+def row_cost(run: Callable[[int, int], object], device: torch.device | str, probe: int = 4) -> RowCost:
+    """Fit the :class:`RowCost` of ``run(points, draws)``, a pass of ``points x draws`` rows.
+
+    ``run`` is measured at ``(1, probe)``, ``(1, 2 * probe)`` and ``(probe, 1)``.
     """
-    if not (math.isfinite(cap_bytes) and cap_bytes > 0):
-        raise ValueError(f"memory cap: expected a positive finite size, got {cap_bytes!r} bytes")
+    if probe < 2:
+        raise ValueError(f"probe: expected at least 2 rows, got {probe!r}")
     peaks = []
-    for rows in (probe, 2 * probe):
+    for points, draws in ((1, probe), (1, 2 * probe), (probe, 1)):
         with PeakMemory(device) as peak:
-            run(rows)
+            run(points, draws)
         peaks.append(peak.bytes)
-    slope = max((peaks[1] - peaks[0]) / probe, 1.0)
-    intercept = max(peaks[0] - slope * probe, 0.0)
-    rows = int((cap_bytes - intercept) // slope)
-    if rows < 1:
-        raise ValueError(
-            f"memory cap: {cap_bytes / MIB:.2f} MiB is too small; one row needs about "
-            f"{(intercept + slope) / MIB:.2f} MiB"
-        )
-    return rows
+    per_row = max((peaks[1] - peaks[0]) / probe, 1.0)
+    per_point = max((peaks[2] - peaks[0]) / (probe - 1), 0.0)
+    fixed = max(peaks[0] - per_row * probe - per_point, 0.0)
+    return RowCost(fixed, per_row, per_point)

@@ -10,17 +10,21 @@ do so under ``family.exact()``); a guide with a point mass (hard VQ) has ``w`` c
 bound never tightens: importance sampling cannot see mass outside q's support.
 
 The ``k`` draws of a point are rows of one batch: each point is repeated, so nothing is asked of a
-model beyond a batch dimension. Rows per pass are limited (see :mod:`.memory`); points with fewer
-samples than that share a pass, and a point with more is split over several.
+model beyond a batch dimension. Rows per pass are limited (see :mod:`..diagnostics.memory`); points
+with fewer samples than that share a pass, and a point with more is split over several. The model's
+data encoders (:func:`probvq.repeats.data_encoders`) run once per point of a pass, not once per row
+(:func:`probvq.repeats.once_per_point`): only the per-draw work scales with ``k``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from probvq.repeats import once_per_point
 
 from .terms import log_weight, run_traces
 
@@ -30,10 +34,18 @@ def sample_log_weights(model: Callable, guide: Callable, x: Tensor) -> Tensor:
     return log_weight(*run_traces(model, guide, x))
 
 
-def log_weights(model: Callable, guide: Callable, x: Tensor, k: int, rows: int) -> Iterator[Tensor]:
+def log_weights(
+    model: Callable,
+    guide: Callable,
+    x: Tensor,
+    k: int,
+    rows: int,
+    encoders: Sequence[nn.Module] = (),
+) -> Iterator[Tensor]:
     """Yield the log-weights ``(points, k)`` of consecutive groups of points of ``x``.
 
-    Each pass through the model holds at most ``rows`` rows (points times samples).
+    Each pass through the model holds at most ``rows`` rows (points times samples); ``encoders``
+    (in eval mode) run on the pass's points only.
     """
     if k < 1:
         raise ValueError(f"k: expected a positive number of samples, got {k!r}")
@@ -47,7 +59,9 @@ def log_weights(model: Callable, guide: Callable, x: Tensor, k: int, rows: int) 
         for done in range(0, k, per_pass):
             draws = min(per_pass, k - done)
             repeated = group.repeat_interleave(draws, dim=0)
-            chunks.append(sample_log_weights(model, guide, repeated).view(len(group), draws))
+            with once_per_point(encoders, draws):
+                log_w = sample_log_weights(model, guide, repeated)
+            chunks.append(log_w.view(len(group), draws))
         yield torch.cat(chunks, dim=1)
 
 

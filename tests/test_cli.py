@@ -216,3 +216,22 @@ def test_python_dash_m_runs_the_same_cli():
         [sys.executable, "-m", "probvq", "evaluate", "--help"], capture_output=True, text=True
     )
     assert result.returncode == 0 and "run_dir" in result.stdout
+
+
+def test_subset_draws_seeded_examples_and_says_so(run_dir, capsys):
+    def report(*flags):
+        capsys.readouterr()
+        assert main(["evaluate", str(run_dir), "--quiet", *flags]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    first, again, other = (
+        report("--subset", "30"),
+        report("--subset", "30"),
+        report("--subset", "30", "--seed", "1"),
+    )
+    assert first["examples"] == 30 and first["subset"] == 30 and first["subset_seed"] == 0
+    assert first["split_size"] == 1000 and "limit" not in first
+    assert first["exact_elbo"] == again["exact_elbo"]
+    assert other["exact_elbo"] != first["exact_elbo"]  # other examples (and another code draw)
+    limited = report("--limit", "30")
+    assert limited["limit"] == 30 and "subset" not in limited

@@ -233,7 +233,8 @@ def fit(
     main = distributed.is_main()
     shard = slice(rank * batch_size // ranks, (rank + 1) * batch_size // ranks)
     rows = (shard.stop - shard.start, *train_x.shape[1:])
-    staging = torch.empty(rows, pin_memory=True) if device.type == "cuda" else None
+    pinned = device.type == "cuda" and train_x.device.type == "cpu"
+    staging = torch.empty(rows, dtype=train_x.dtype, pin_memory=True) if pinned else None
 
     def checkpoint(step: int, names: tuple[str, ...]) -> None:
         """Write ``names``; ``last`` is a collective (it holds every rank's random state)."""

@@ -101,3 +101,17 @@ def tiny() -> TinyVAE:
 @pytest.fixture
 def tiny_data() -> Tensor:
     return torch.bernoulli(torch.full((5, 6), 0.4))
+
+
+def built_run(settings: dict, family: str, **overrides):
+    """Config, model, family and prepared train/valid data of a built-in-data run, seeded."""
+    from probvq.build import build, load_data, resolve
+    from probvq.config import RunConfig
+
+    config = RunConfig(family=family, **{**settings, **overrides})
+    dataset = load_data(config)
+    config = resolve(config, dataset)
+    pyro.set_rng_seed(config.seed)
+    vae, fam = build(config, dataset)
+    prepare = vae.likelihood.prepare
+    return config, vae, fam, prepare(dataset.train), prepare(dataset.valid)

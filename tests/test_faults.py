@@ -8,10 +8,9 @@ import json
 import pyro
 import pytest
 import torch
+from conftest import built_run
 
-from probvq.build import build, load_data, resolve
 from probvq.cli import main
-from probvq.config import RunConfig
 from probvq.inference import RunDir, fit, load_checkpoint
 from probvq.inference.training import checkpoint
 from probvq.inference.training.train import DivergenceError
@@ -28,13 +27,8 @@ TINY = [
 
 
 def setup(family="sq", **overrides):
-    config = RunConfig(family=family, **{**SMALL, **overrides})
-    dataset = load_data(config)
-    config = resolve(config, dataset)
-    pyro.set_rng_seed(0)
-    vae, fam = build(config, dataset)
-    prepare = vae.likelihood.prepare
-    return config, vae, fam, prepare(dataset.train), prepare(dataset.valid)
+    config, vae, fam, train_x, valid_x = built_run(SMALL, family, **overrides)
+    return config, vae, fam, train_x, valid_x
 
 
 def poison(vae, steps, site="poison"):

@@ -1,15 +1,12 @@
 """bfloat16 autocast keeps what must stay exact in float32, and trains as float32 does; compiling
 the networks changes nothing but speed."""
 
-import pyro
 import pytest
 import torch
-from conftest import CODEBOOK_FAMILIES
+from conftest import CODEBOOK_FAMILIES, built_run
 from pyro import poutine
 
-from probvq.build import build, load_data, resolve
 from probvq.codebook import Codebook
-from probvq.config import RunConfig
 from probvq.inference import evaluate, fit
 
 SMALL = dict(
@@ -18,14 +15,9 @@ SMALL = dict(
 )  # fmt: skip
 
 
-def setup(family, **overrides):
-    config = RunConfig(family=family, **{**SMALL, **overrides})
-    dataset = load_data(config)
-    config = resolve(config, dataset)
-    pyro.set_rng_seed(0)
-    vae, fam = build(config, dataset)
-    prepare = vae.likelihood.prepare
-    return config, vae, fam, prepare(dataset.train), prepare(dataset.valid)[:100]
+def setup(family="sq", **overrides):
+    config, vae, fam, train_x, valid_x = built_run(SMALL, family, **overrides)
+    return config, vae, fam, train_x, valid_x[:100]
 
 
 def test_distances_and_nearest_codes_ignore_autocast():

@@ -169,11 +169,21 @@ def _check_lengths(config: RunConfig, dataset: Dataset) -> None:
         _warn(f"--eval-every {config.eval_every} exceeds the run's {steps} steps; it runs at the end")
 
 
-def _fit(
-    run: RunDir | None, config: RunConfig, dataset: Dataset, resume: dict | None, quiet: bool
-) -> int:
+def _seeded_build(config: RunConfig, dataset: Dataset) -> tuple[nn.Module, nn.Module]:
+    """Model and family, initialised from ``config.seed``; building runs every check of both."""
     pyro.set_rng_seed(config.seed)
-    vae, family = build(config, dataset)
+    return build(config, dataset)
+
+
+def _fit(
+    run: RunDir | None,
+    config: RunConfig,
+    dataset: Dataset,
+    built: tuple[nn.Module, nn.Module],
+    resume: dict | None,
+    quiet: bool,
+) -> int:
+    vae, family = built
     prepare = vae.likelihood.prepare
     settings = replace(config, quiet=quiet)
     result = fit(vae, family, prepare(dataset.train), prepare(dataset.valid), settings, run, resume)
@@ -201,12 +211,12 @@ def train_command(args: argparse.Namespace) -> int:
     RunDir.check_new(out)
     dataset = load_data(config)
     config = replace(resolve(config, dataset), out=str(out))
-    build(config, dataset)  # every check of model, family and data, before a directory appears
+    built = _seeded_build(config, dataset)  # every check, before a directory appears
     _check_lengths(config, dataset)
     distributed.barrier()
     run = RunDir.create(out, config.to_dict()) if distributed.is_main() else None
     try:
-        return _fit(run, config, dataset, None, config.quiet)
+        return _fit(run, config, dataset, built, None, config.quiet)
     except (DivergenceError, OSError, ValueError):
         # A run that never reached a checkpoint holds nothing to resume: leave no directory.
         if run is not None and not run.checkpoint("last").exists():
@@ -239,15 +249,15 @@ def resume_command(args: argparse.Namespace) -> int:
             f"data: {config.data or config.dataset} now holds images {tuple(dataset.image_shape)}, "
             f"the run was trained on {tuple(state['image_shape'])}"
         )
+    built = _seeded_build(config, dataset)
     if distributed.is_main():
         run.clear_temporaries()
         progress = state["progress"] if state is not None else {"history": [], "faults": []}
         run.rewrite_log(progress["history"])
         run.rewrite_log(progress["faults"], "faults")
     distributed.barrier()
-    return _fit(
-        run if distributed.is_main() else None, config, dataset, state, args.quiet or config.quiet
-    )
+    writer = run if distributed.is_main() else None
+    return _fit(writer, config, dataset, built, state, args.quiet or config.quiet)
 
 
 def _check_selection(args: argparse.Namespace) -> None:

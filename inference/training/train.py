@@ -298,14 +298,16 @@ def fit(
             loss.backward()
             grads = [p.grad for p in parameters if p.grad is not None]
             norm = nn.utils.get_total_norm(grads)
-            stop = signals.received is not None
-            flags = torch.stack(
-                [~torch.isfinite(loss.detach()), torch.tensor(stop, device=device)]
-            ).float()
-            distributed.all_reduce_sum(flags)
-            if flags[0] or not torch.isfinite(norm):
+            # One read from the device per step: loss, gradient norm and stop flag, summed over
+            # ranks (the norm is equal on every rank, and a NaN on any rank stays NaN).
+            stopping = torch.tensor(float(signals.received is not None), device=device)
+            status = torch.stack([loss.detach().double(), norm.double(), stopping.double()])
+            distributed.all_reduce_sum(status)
+            loss_sum, norm_sum, stops = status.tolist()
+            loss_value = loss_sum / ranks
+            if not (math.isfinite(loss_sum) and math.isfinite(norm_sum)):
                 names = [n for n, v in terms.items() if not torch.isfinite(v)]
-                fault = {"step": step, "kind": "loss" if names else "gradient", "loss": loss.item(),
+                fault = {"step": step, "kind": "loss" if names else "gradient", "loss": loss_value,
                          "where": names or _non_finite(named)}  # fmt: skip
                 discard_step(vae, family)
                 progress.faults.append(fault)
@@ -330,7 +332,7 @@ def fit(
                 optimiser.step()
                 after_step(vae, family)
                 progress.bad_in_row = 0
-                progress.window.append(loss.item())
+                progress.window.append(loss_value)
             bar.update()
             if progress.window:
                 recent = progress.window[-50:]
@@ -359,7 +361,7 @@ def fit(
                 if improved:
                     checkpoint(step, ("best",))
             # One process reads its own flag now; ranks act on the flag they agreed on this step.
-            stop = bool(flags[1]) if distributed.active() else signals.received is not None
+            stop = stops > 0 if distributed.active() else signals.received is not None
             interrupted = stop and step < total
             # Within a streak of skipped steps the last checkpoint stays the last good one.
             periodic = step % config.checkpoint_every == 0 and progress.bad_in_row == 0

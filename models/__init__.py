@@ -1,5 +1,6 @@
 """Generative stories written against the code-site protocol (installed as ``probvq.models``)."""
 
+from .deep import DeepVAE
 from .vqvae import VQVAE
 
-__all__ = ["VQVAE"]
+__all__ = ["VQVAE", "DeepVAE"]

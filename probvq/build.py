@@ -15,10 +15,13 @@ from probvq.config import RunConfig
 from probvq.data import Dataset, load, synthetic
 from probvq.inference import FAMILIES, GuideFamily
 from probvq.likelihoods import LIKELIHOODS, likelihood_for, make_likelihood
-from probvq.models import VQVAE
+from probvq.models import VQVAE, DeepVAE
 from probvq.models.vqvae import PRIORS
 
-MODELS = {"vqvae": VQVAE}
+MODELS = {"vqvae": VQVAE, "deep": DeepVAE}
+SHARED = ("num_codes", "code_dim", "grid", "hidden", "res_blocks", "codebook_init", "restart_threshold")
+OWN = {"vqvae": ("prior",), "deep": ("num_layers", "levels")}
+"""The settings each model takes besides :data:`SHARED`; the others must keep their defaults."""
 
 
 def check_names(config: RunConfig) -> None:
@@ -33,6 +36,14 @@ def check_names(config: RunConfig) -> None:
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed:
             raise ValueError(f"{name}: expected one of {allowed}, got {getattr(config, name)!r}")
+    defaults = RunConfig()
+    for model, own in OWN.items():
+        for name in own:
+            if model != config.model and getattr(config, name) != getattr(defaults, name):
+                raise ValueError(
+                    f"{name}: a setting of the {model!r} model, not of {config.model!r} "
+                    f"(leave it at {getattr(defaults, name)!r})"
+                )
 
 
 def resolve_family(config: RunConfig) -> RunConfig:
@@ -74,18 +85,8 @@ def build_model(config: RunConfig, dataset: Dataset) -> nn.Module:
     likelihood = make_likelihood(config.likelihood, dataset.kind, channels)
     likelihood.check(dataset.train, "data (train)")
     likelihood.check(dataset.valid, "data (valid)")
-    return MODELS[config.model](
-        dataset.image_shape,
-        likelihood,
-        num_codes=config.num_codes,
-        code_dim=config.code_dim,
-        grid=config.grid,
-        hidden=config.hidden,
-        res_blocks=config.res_blocks,
-        prior=config.prior,
-        codebook_init=config.codebook_init,
-        restart_threshold=config.restart_threshold,
-    )
+    settings = {name: getattr(config, name) for name in (*SHARED, *OWN[config.model])}
+    return MODELS[config.model](dataset.image_shape, likelihood, **settings)
 
 
 def build_family(config: RunConfig, vae: nn.Module) -> GuideFamily:

@@ -1,4 +1,5 @@
-"""The ``probvq`` command: ``train`` a model under a guide family, ``evaluate`` or ``diagnose`` a run.
+"""The ``probvq`` command: ``train`` a model under a guide family; ``evaluate``, ``diagnose`` or
+``sample`` from a run.
 
 Settings come from defaults, then ``--config FILE`` (TOML or JSON), then flags. Errors in the input
 (missing files, bad data, bad settings, foreign checkpoints) are reported in one line before any
@@ -31,12 +32,15 @@ from probvq.data import Dataset
 from probvq.inference import FAMILIES, RunDir, diagnose, evaluate, fit, load_checkpoint
 from probvq.inference.diagnostics import check_settings
 from probvq.inference.diagnostics.export import to_inference_data, write_netcdf
-from probvq.inference.diagnostics.plots import write_plots
+from probvq.inference.diagnostics.plots import image_grid, write_plots
+from probvq.inference.sampling import ancestral_samples
 from probvq.inference.training.checkpoint import WriteError, new_directory, write_json
 from probvq.inference.training.train import DivergenceError, TrainingInterruptedError
 
 HELP = {
-    "model": "model to train (vqvae)",
+    "model": "model to train (vqvae, deep)",
+    "num_layers": "deep: layers of codes, 1 to 32",
+    "levels": "deep: resolutions the layers are spread over (grid, 2 grid, ...)",
     "num_codes": "codebook size K",
     "code_dim": "code dimension D",
     "grid": "side of the latent grid (image side / grid must be a power of two)",
@@ -54,6 +58,10 @@ HELP = {
     "batch_size": "examples per step",
     "lr": "Adam learning rate",
     "clip_norm": "global gradient-norm clip",
+    "skip_spikes": "skip (and log) a step whose gradient norm exceeds this factor times the median "
+    "of the last 100 (default: never)",
+    "kl_warmup": "steps over which the rate's weight rises linearly from 0 to 1",
+    "free_bits": "floor on each latent's batch-averaged rate, nats per example",
     "eval_every": "steps between validation evaluations (default: once per epoch)",
     "valid_size": "validation examples evaluated during training",
     "seed": "random seed",
@@ -378,6 +386,43 @@ def diagnose_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def sample_command(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"--out: expected a .png file name, got {args.out!r}")
+    if out.exists():
+        raise ValueError(f"--out: {out} exists; choose a new file name (nothing is overwritten)")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"--out: no such directory: {out.parent}")
+    if args.n < 1:
+        raise ValueError(f"--n: expected a positive number of samples, got {args.n}")
+    loaded = _load_run(args)
+    sites = [site.name for site in loaded.vae.code_sites]
+    layers = len(sites)
+    keep: list[str] = []
+    image = None
+    if args.resample_from is not None:
+        if not 0 <= args.resample_from <= layers:
+            raise ValueError(
+                f"--resample-from: expected a layer 0 to {layers} (the model's layers are "
+                f"{', '.join(sites)}, top first), got {args.resample_from}"
+            )
+        if not 0 <= args.image < loaded.x.shape[0]:
+            raise ValueError(f"--image: expected 0 to {loaded.x.shape[0] - 1}, got {args.image}")
+        keep, image = sites[: layers - args.resample_from], loaded.x[args.image]
+    shape = tuple(loaded.state["image_shape"])
+    samples = ancestral_samples(
+        loaded.vae, loaded.family, args.n, shape, args.seed, keep=keep, image=image
+    )
+    title = "samples from the prior"
+    if image is not None:
+        samples = torch.cat([image.unsqueeze(0).cpu(), samples])
+        title = f"first: {args.split} image {args.image}; then layers {', '.join(keep) or 'none'} kept"
+    image_grid(samples, out, loaded.vae.likelihood.display_range, title)
+    print(json.dumps({**loaded.report, "out": str(out), "n": args.n, "kept": keep, "seed": args.seed}))
+    return 0
+
+
 def _add_run_flags(parser: argparse.ArgumentParser, batch_size: int) -> None:
     parser.add_argument("run_dir", type=Path, help="a run directory written by probvq train")
     parser.add_argument("--data", help="dataset to use (default: the run's own data)")
@@ -425,6 +470,20 @@ def make_parser() -> argparse.ArgumentParser:
         "--save-log-weights", action="store_true", help="also store the (points x k) log-weights"
     )
     diag.set_defaults(handler=diagnose_command)
+    sample = commands.add_parser(
+        "sample", help="decode codes drawn top-down from the model's prior into an image grid"
+    )
+    _add_run_flags(sample, batch_size=500)
+    sample.add_argument("--n", type=int, default=64, help="number of samples")
+    sample.add_argument("--out", required=True, help="new .png file for the grid")
+    sample.add_argument(
+        "--resample-from",
+        type=int,
+        metavar="L",
+        help="keep the exact posterior codes of --image for the layers above L, redraw the rest",
+    )
+    sample.add_argument("--image", type=int, default=0, help="index of the image (in --split)")
+    sample.set_defaults(handler=sample_command)
     return parser
 
 

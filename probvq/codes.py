@@ -77,8 +77,13 @@ def normalised_logits(logits: Tensor) -> Tensor:
 
 
 def gumbel_like(logits: Tensor) -> Tensor:
-    """Standard Gumbel noise ``-log E``, ``E ~ Exp(1)``."""
-    exponential = torch.empty_like(logits).exponential_().clamp_min(torch.finfo(logits.dtype).tiny)
+    """Standard Gumbel noise ``-log E``, ``E = -log U ~ Exp(1)``, ``U ~ Uniform(0, 1)``.
+
+    Inverting a uniform is five times faster on the CPU than ``Tensor.exponential_`` (a sequential
+    sampler there), which took 60 % of a 32-layer model's training step.
+    """
+    tiny = torch.finfo(logits.dtype).tiny
+    exponential = torch.rand_like(logits).clamp_min(tiny).log().neg().clamp_min(tiny)
     return -exponential.log()
 
 

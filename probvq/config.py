@@ -24,6 +24,8 @@ PRECISIONS = ("fp32", "bf16")
 class RunConfig:
     # model
     model: str = "vqvae"
+    num_layers: int = 1  # deep: layers of codes (1 to 32)
+    levels: int = 1  # deep: resolutions the layers are spread over
     num_codes: int = 64
     code_dim: int = 16
     grid: int = 7
@@ -46,6 +48,9 @@ class RunConfig:
     batch_size: int = 64
     lr: float = 1e-3
     clip_norm: float = 10.0
+    skip_spikes: float | None = None  # skip a step whose gradient norm exceeds this x the median
+    kl_warmup: int = 0  # steps over which the rate's weight rises linearly from 0 to 1
+    free_bits: float = 0.0  # floor on each latent's batch-averaged rate (nats per example)
     eval_every: int | None = None
     valid_size: int = 1000
     seed: int = 0
@@ -62,8 +67,8 @@ class RunConfig:
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"seed: expected an integer in [0, 2**32), got {self.seed}")
         positive = (
-            "num_codes", "code_dim", "grid", "hidden", "epochs", "batch_size", "valid_size",
-            "checkpoint_every", "max_bad_steps",
+            "num_layers", "levels", "num_codes", "code_dim", "grid", "hidden", "epochs",
+            "batch_size", "valid_size", "checkpoint_every", "max_bad_steps",
         )  # fmt: skip
         for name in positive:
             if getattr(self, name) < 1:
@@ -80,6 +85,17 @@ class RunConfig:
             value = getattr(self, name)
             if not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name}: expected a positive number, got {value!r}")
+        if self.kl_warmup < 0:
+            raise ValueError(f"kl_warmup: expected a non-negative number of steps, got {self.kl_warmup}")
+        if not math.isfinite(self.free_bits) or self.free_bits < 0:
+            raise ValueError(f"free_bits: expected non-negative nats, got {self.free_bits!r}")
+        if self.skip_spikes is not None and not (
+            math.isfinite(self.skip_spikes) and self.skip_spikes > 1
+        ):
+            raise ValueError(
+                f"skip_spikes: expected a factor above 1 (times the median gradient norm), "
+                f"got {self.skip_spikes!r}"
+            )
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision: expected one of {list(PRECISIONS)}, got {self.precision!r}")
         if self.out is not None and not self.out.strip():

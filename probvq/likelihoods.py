@@ -41,6 +41,8 @@ class Likelihood(nn.Module):
     """Abstract base of observation models."""
 
     channels_per_input: int = 1
+    display_range: tuple[float, float] | None = None
+    """The range of prepared values (and means) shown as black to white; ``None``: min to max."""
 
     def check(self, x: Tensor, name: str = "data") -> None:
         """Raise ``ValueError`` naming ``name`` if raw data ``x`` is not of this likelihood's kind."""
@@ -66,6 +68,8 @@ class Likelihood(nn.Module):
 
 class Bernoulli(Likelihood):
     """``x_i ~ Bernoulli(sigmoid(out_i))`` for binary pixels."""
+
+    display_range = (0.0, 1.0)
 
     def check(self, x: Tensor, name: str = "data") -> None:
         _check_finite_nonempty(x, name)
@@ -142,6 +146,8 @@ class DiscretisedLogisticDistribution(TorchDistribution):
 
 class DiscretisedLogistic(Likelihood):
     """8-bit pixels (0..255) mapped to ``[-1, 1]``, with a per-pixel discretised logistic."""
+
+    display_range = (-1.0, 1.0)
 
     channels_per_input = 2
 

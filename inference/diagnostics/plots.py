@@ -137,3 +137,27 @@ def write_plots(
         jobs.append(("reconstructions.png", lambda p: reconstructions(*diagnostics.reconstructions, p)))
     written = [job(folder / name) for name, job in jobs]
     return [path for path in written if path is not None]
+
+
+def image_grid(
+    images: Tensor,
+    path: Path,
+    value_range: tuple[float, float] | None = None,
+    title: str | None = None,
+) -> Path:
+    """``images`` ``(n, C, H, W)`` as one PNG grid, ``value_range`` (or min to max) black to white."""
+    shown = _as_images(images)
+    if shown is None:
+        raise ValueError(f"images: expected (n, C, H, W) with C 1 or 3, got {tuple(images.shape)}")
+    low, high = value_range if value_range is not None else (float(shown.min()), float(shown.max()))
+    shown = np.clip((shown - low) / max(high - low, 1e-12), 0.0, 1.0)
+    columns = math.ceil(math.sqrt(len(shown)))
+    rows = math.ceil(len(shown) / columns)
+    figure = Figure(figsize=(columns * 0.8, rows * 0.8 + (0.3 if title else 0.0)))
+    for index, image in enumerate(shown):
+        axes = figure.add_subplot(rows, columns, index + 1)
+        axes.imshow(image, cmap="gray", vmin=0.0, vmax=1.0)
+        axes.set_axis_off()
+    if title:
+        figure.suptitle(title, fontsize=8)
+    return _save(figure, path)

@@ -19,6 +19,8 @@ computes only what the objective needs: no log-density of a site whose term is a
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
 from types import SimpleNamespace
 
 import torch
@@ -27,23 +29,60 @@ from pyro.infer.util import is_validation_enabled
 from pyro.poutine import Trace
 from pyro.util import check_site_shape
 
-from .terms import run_traces, site_terms
+from .terms import KINDS, per_example, run_traces, site_terms
 
 
-def surrogate_terms(model_trace: Trace, guide_trace: Trace) -> dict[str, torch.Tensor]:
-    """Each site's share of the differentiable loss of one guide sample (scaled sums), by name.
+def surrogate_terms(
+    model_trace: Trace, guide_trace: Trace, free_bits: float = 0.0
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Each site's share of the differentiable loss of one guide sample (scaled sums), by kind
+    (of :data:`~.terms.KINDS`) and name.
 
     A latent's rate and its prior factors share the latent's name; regularisers keep their own.
+    With ``free_bits`` (nats per example), each latent's rate enters as
+    ``scale * B * max(free_bits, mean_b rate_b)`` over the batch of ``B`` examples (Kingma et al.
+    2016): a latent whose average rate is below the floor costs a constant, so the objective no
+    longer pushes it towards its prior.
     """
-    terms: dict[str, torch.Tensor] = {}
+    parts: dict[str, dict[str, torch.Tensor]] = {kind: {} for kind in KINDS}
+    floored: dict[str, tuple[torch.Tensor, object]] = {}
     for term in site_terms(model_trace, guide_trace):
+        found = parts[term.kind]
+        if free_bits and term.kind == "rate":
+            masked = replace(term, node={**term.node, "scale": 1.0})
+            examples = per_example(masked.scaled(), term.node)
+            if term.name in floored:
+                total, scale = floored[term.name]
+                if not _same_scale(scale, term.node["scale"]):
+                    raise ValueError(f"free_bits: the parts of {term.name!r}'s rate differ in scale")
+                examples = total + examples
+            floored[term.name] = (examples, term.node["scale"])
+            continue
         value = term.scaled().sum()
-        terms[term.name] = terms[term.name] + value if term.name in terms else value
-    return terms
+        found[term.name] = found[term.name] + value if term.name in found else value
+    for name, (examples, scale) in floored.items():
+        parts["rate"][name] = scale * examples.shape[0] * examples.mean().clamp_min(free_bits)
+    return parts
+
+
+def _same_scale(a: object, b: object) -> bool:
+    return bool(torch.equal(torch.as_tensor(a), torch.as_tensor(b)))
 
 
 class CodeELBO(ELBO):
-    """The negative ELBO of probvq programs with value-aware rates (see the module)."""
+    """The negative ELBO of probvq programs with value-aware rates (see the module).
+
+    Args:
+        free_bits: a floor on each latent's batch-averaged rate, in nats per example (0: none);
+            see :func:`surrogate_terms`. The bounds reported by evaluation never use it.
+        Others as :class:`pyro.infer.ELBO`.
+    """
+
+    def __init__(self, *args, free_bits: float = 0.0, **kwargs) -> None:
+        if not (math.isfinite(free_bits) and free_bits >= 0):
+            raise ValueError(f"free_bits: expected a non-negative number of nats, got {free_bits!r}")
+        super().__init__(*args, **kwargs)
+        self.free_bits = float(free_bits)
 
     def _get_trace(self, model, guide, args, kwargs) -> tuple[Trace, Trace]:
         model_trace, guide_trace = run_traces(model, guide, *args, **kwargs)
@@ -57,14 +96,24 @@ class CodeELBO(ELBO):
                         check_site_shape(shaped, self.max_plate_nesting)
         return model_trace, guide_trace
 
-    def differentiable_terms(self, model, guide, *args, **kwargs) -> dict[str, torch.Tensor]:
-        """The loss split by site (averaged over particles): what names the site of a NaN."""
-        totals: dict[str, torch.Tensor] = {}
+    def differentiable_parts(self, model, guide, *args, **kwargs) -> dict[str, dict[str, torch.Tensor]]:
+        """The loss split by kind and site (averaged over particles): the engine logs the rate of
+        every layer from it, and it names the site of a NaN."""
+        totals: dict[str, dict[str, torch.Tensor]] = {kind: {} for kind in KINDS}
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
-            for name, value in surrogate_terms(model_trace, guide_trace).items():
-                share = value / self.num_particles
-                totals[name] = totals[name] + share if name in totals else share
+            for kind, found in surrogate_terms(model_trace, guide_trace, self.free_bits).items():
+                for name, value in found.items():
+                    share = value / self.num_particles
+                    totals[kind][name] = totals[kind][name] + share if name in totals[kind] else share
         return totals
+
+    def differentiable_terms(self, model, guide, *args, **kwargs) -> dict[str, torch.Tensor]:
+        """The loss split by site (the parts of every kind, by name)."""
+        terms: dict[str, torch.Tensor] = {}
+        for found in self.differentiable_parts(model, guide, *args, **kwargs).values():
+            for name, value in found.items():
+                terms[name] = terms[name] + value if name in terms else value
+        return terms
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         return sum(self.differentiable_terms(model, guide, *args, **kwargs).values(), torch.tensor(0.0))

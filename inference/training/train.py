@@ -57,6 +57,7 @@ from probvq.config import RunConfig
 from probvq.hooks import after_step, before_run, discard_step
 from probvq.sites import CodeGroup, CodeSite, DiscreteVAE
 from probvq.spaces import CodeSpace
+from probvq.warmup import RateScale, warmup_weight
 
 from ..objectives.evaluate import check_inputs, evaluate
 from .checkpoint import RunDir, save_checkpoint
@@ -92,23 +93,31 @@ def _better(metrics: dict[str, Any], than: dict[str, Any]) -> bool:
 
 
 class _Objective(nn.Module):
-    """The per-example negative ELBO split by site, as a module so DDP can hook its backward."""
+    """The per-example negative ELBO split by kind and site, as a module so DDP can hook its
+    backward; the rate is weighted by :attr:`warmup`'s ``beta``."""
 
-    def __init__(self, vae: nn.Module, family: GuideFamily | FamilyStack) -> None:
+    def __init__(self, vae: nn.Module, family: GuideFamily | FamilyStack, free_bits: float) -> None:
         super().__init__()
         self.vae, self.family = vae, family
-        elbo = family.elbo(max_plate_nesting=1)
-        self.terms = getattr(elbo, "differentiable_terms", None)
+        elbo = family.elbo(max_plate_nesting=1, **({"free_bits": free_bits} if free_bits else {}))
+        self.parts = getattr(elbo, "differentiable_parts", None)
         self.loss = elbo.differentiable_loss
+        self.warmup = RateScale()
         self.programs = (
-            family.wrap(vae.model, pyro_params=False),
-            family.wrap(vae.guide, pyro_params=False),
+            self.warmup(family.wrap(vae.model, pyro_params=False)),
+            self.warmup(family.wrap(vae.guide, pyro_params=False)),
         )
 
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        if self.terms is None:
-            return {"loss": self.loss(*self.programs, x) / x.shape[0]}
-        return {name: value / x.shape[0] for name, value in self.terms(*self.programs, x).items()}
+    def forward(self, x: Tensor) -> dict[str, dict[str, Tensor]]:
+        if self.parts is None:
+            return {"loss": {"loss": self.loss(*self.programs, x) / x.shape[0]}}
+        parts = self.parts(*self.programs, x)
+        return {kind: {n: v / x.shape[0] for n, v in found.items()} for kind, found in parts.items()}
+
+
+def _flatten(parts: dict[str, dict[str, Tensor]]) -> dict[str, Tensor]:
+    """``{"kind/name": value}`` in a fixed order."""
+    return {f"{kind}/{name}": value for kind, found in parts.items() for name, value in found.items()}
 
 
 class _Signals:
@@ -149,6 +158,8 @@ def _describe(fault: dict[str, Any]) -> str:
     where = ", ".join(repr(name) for name in fault["where"]) or "unknown"
     if fault["kind"] == "loss":
         return f"loss {fault['loss']} at site {where}"
+    if fault["kind"] == "spike":
+        return f"gradient norm {fault['norm']:.4g} above {fault['threshold']:.4g} (a spike)"
     return f"non-finite gradient of {where}"
 
 
@@ -160,11 +171,34 @@ class _Progress:
     best: dict[str, Any] | None = None
     faults: list[dict[str, Any]] = field(default_factory=list)
     window: list[float] = field(default_factory=list)
+    rates: list[float] = field(default_factory=list)
+    norms: list[float] = field(default_factory=list)
+    term_sums: dict[str, float] = field(default_factory=dict)
     bad_in_row: int = 0
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+SPIKE_WINDOW = 100
+"""Accepted steps whose gradient norms set the spike threshold (their median)."""
+
+
+def _spike_threshold(norms: list[float], factor: float | None) -> float:
+    """``factor`` times the median of the recent gradient norms; infinite until 20 are known."""
+    if factor is None or len(norms) < 20:
+        return math.inf
+    return factor * sorted(norms)[len(norms) // 2]
+
+
+def _mean_terms(sums: dict[str, Tensor], steps: int) -> dict[str, dict[str, float]]:
+    """The per-site training terms averaged over ``steps``, by kind: ``{"rate": {"z1": ...}}``."""
+    found: dict[str, dict[str, float]] = {}
+    for key, value in sums.items():
+        kind, name = key.split("/", 1)
+        found.setdefault(kind, {})[name] = float(value) / steps
+    return found
 
 
 def fit(
@@ -179,7 +213,8 @@ def fit(
     """Train ``vae`` under ``family`` on prepared data; returns the evaluation history.
 
     ``config`` supplies the training settings (``epochs``, ``max_steps``, ``batch_size``, ``lr``,
-    ``clip_norm``, ``eval_every``, ``valid_size``, ``checkpoint_every``, ``max_bad_steps``,
+    ``clip_norm``, ``skip_spikes``, ``kl_warmup``, ``free_bits``, ``eval_every``, ``valid_size``,
+    ``checkpoint_every``, ``max_bad_steps``,
     ``seed``, ``device``, ``precision``, ``compile``, ``quiet``). With ``run``, metrics, faults and
     checkpoints are written there; ``resume`` is a checkpoint of that run to continue from.
     """
@@ -202,7 +237,7 @@ def fit(
     eval_every = config.eval_every or steps_per_epoch
     valid = valid_x[: config.valid_size]
 
-    objective = _Objective(vae, family)
+    objective = _Objective(vae, family, config.free_bits)
     named = [(f"{prefix}.{n}", p) for prefix, m in (("model", vae), ("family", family))
              for n, p in m.named_parameters()]  # fmt: skip
     parameters = [p for _, p in named]
@@ -244,6 +279,7 @@ def fit(
             dist.all_gather_object(states, rng_state())
         if run is None:
             return
+        keep_sums()
         state = {
             "run_id": run.run_id,
             "config": run.config(),
@@ -279,6 +315,14 @@ def fit(
     def elapsed() -> float:
         return progress.seconds + time.perf_counter() - began
 
+    # Per-site training terms of the accepted steps since the last record, summed on the device
+    # (float64, so a resumed run continues the sums exactly).
+    sums = {name: torch.tensor(value, dtype=torch.float64, device=device)
+            for name, value in progress.term_sums.items()}  # fmt: skip
+
+    def keep_sums() -> None:
+        progress.term_sums = {name: float(value) for name, value in sums.items()}
+
     saved_at = start
     with _Signals() as signals:
         for step in range(start + 1, total + 1):
@@ -291,9 +335,12 @@ def fit(
                 x = train_x[index].to(device)
             # Pyro validates distributions on the first step (shape and support errors surface
             # there); afterwards a NaN must reach the loss terms, where the step is skipped.
+            objective.warmup.beta = warmup_weight(step, config.kl_warmup)
             with autocast, pyro.validation_enabled(step == start + 1):
-                terms = step_fn(x)
+                parts = step_fn(x)
+            terms = _flatten(parts)
             loss = sum(terms.values())
+            rate = sum(parts.get("rate", {}).values(), torch.zeros((), device=device))
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             grads = [p.grad for p in parameters if p.grad is not None]
@@ -301,14 +348,22 @@ def fit(
             # One read from the device per step: loss, gradient norm and stop flag, summed over
             # ranks (the norm is equal on every rank, and a NaN on any rank stays NaN).
             stopping = torch.tensor(float(signals.received is not None), device=device)
-            status = torch.stack([loss.detach().double(), norm.double(), stopping.double()])
+            status = torch.stack(
+                [loss.detach().double(), norm.double(), stopping.double(), rate.detach().double()]
+            )
             distributed.all_reduce_sum(status)
-            loss_sum, norm_sum, stops = status.tolist()
+            loss_sum, norm_sum, stops, rate_sum = status.tolist()
             loss_value = loss_sum / ranks
+            threshold = _spike_threshold(progress.norms, config.skip_spikes)
+            fault = None
             if not (math.isfinite(loss_sum) and math.isfinite(norm_sum)):
-                names = [n for n, v in terms.items() if not torch.isfinite(v)]
+                names = [n.split("/", 1)[1] for n, v in terms.items() if not torch.isfinite(v)]
                 fault = {"step": step, "kind": "loss" if names else "gradient", "loss": loss_value,
                          "where": names or _non_finite(named)}  # fmt: skip
+            elif norm_sum / ranks > threshold:
+                fault = {"step": step, "kind": "spike", "loss": loss_value, "where": [],
+                         "norm": norm_sum / ranks, "threshold": threshold}  # fmt: skip
+            if fault is not None:
                 discard_step(vae, family)
                 progress.faults.append(fault)
                 progress.bad_in_row += 1
@@ -323,9 +378,10 @@ def fit(
                     kept = f"{run.checkpoint('last')} (step {saved_at})" if run and saved_at else None
                     raise DivergenceError(
                         f"training stopped at step {step}: {progress.bad_in_row} consecutive steps "
-                        f"with a non-finite loss or gradient (last: {_describe(fault)}); "
+                        f"skipped (last: {_describe(fault)}); "
                         + (f"the last good checkpoint is {kept}; " if kept else "")
                         + "lower --lr or --clip-norm, or raise --max-bad-steps"
+                        + (" or --skip-spikes" if fault["kind"] == "spike" else "")
                     )
             else:
                 nn.utils.clip_grads_with_norm_(parameters, config.clip_norm, norm)
@@ -333,22 +389,32 @@ def fit(
                 after_step(vae, family)
                 progress.bad_in_row = 0
                 progress.window.append(loss_value)
+                progress.rates.append(rate_sum / ranks)
+                progress.norms = [*progress.norms[-(SPIKE_WINDOW - 1) :], norm_sum / ranks]
+                for name, value in terms.items():
+                    value = value.detach().double()
+                    sums[name] = sums[name] + value if name in sums else value
             bar.update()
             if progress.window:
-                recent = progress.window[-50:]
-                bar.set_postfix(loss=f"{sum(recent) / len(recent):.2f}")
+                recent, rates = progress.window[-50:], progress.rates[-50:]
+                bar.set_postfix(
+                    loss=f"{sum(recent) / len(recent):.2f}", rate=f"{sum(rates) / len(rates):.2f}"
+                )
             if main and (step % eval_every == 0 or step == total):
                 metrics = evaluate(vae, family, valid, batch_size=max(batch_size, 256), seed=config.seed)
-                window = progress.window or [math.nan]
+                window, rates = progress.window or [math.nan], progress.rates or [math.nan]
                 record = {
                     "step": step,
                     "epoch": step / steps_per_epoch,
                     "loss": sum(window) / len(window),
+                    "rate": sum(rates) / len(rates),
+                    "terms": _mean_terms(sums, len(progress.window)),
+                    "beta": objective.warmup.beta,
                     "temperature": getattr(family, "temperature", None),
                     "seconds": elapsed(),
                     "valid": metrics,
                 }
-                progress.window = []
+                progress.window, progress.rates, sums = [], [], {}
                 progress.history.append(record)
                 if run is not None:
                     run.log(record)
@@ -356,7 +422,9 @@ def fit(
                 if improved:
                     progress.best = record
                 bar.set_postfix(
-                    loss=f"{record['loss']:.2f}", exact=f"{metrics['exact_elbo']['mean']:.2f}"
+                    loss=f"{record['loss']:.2f}",
+                    rate=f"{record['rate']:.2f}",
+                    exact=f"{metrics['exact_elbo']['mean']:.2f}",
                 )
                 if improved:
                     checkpoint(step, ("best",))

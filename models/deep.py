@@ -93,8 +93,7 @@ class TopDownLayer(nn.Module):
         with torch.no_grad():
             self.prior_head[-1].weight.zero_()
             self.prior_head[-1].bias.zero_()
-            for conv in (self.inject, self.block.block[-1]):
-                conv.weight.mul_(branch_scale)
+            self.block.block[-1].weight.mul_(branch_scale)
 
     def prior_logits(self, h: Tensor) -> Tensor:
         """``(B, G, G, K)`` logits of ``p(z_l | z_{>l})`` from the state."""

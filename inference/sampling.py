@@ -5,7 +5,7 @@ Without a guide family, a model's ``code`` sites draw exact codes from their pri
 ``z_L ~ p(z_L)``, then ``z_{L-1} ~ p(z_{L-1} | z_L)``, ..., and the likelihood's mean given all of
 them. No second-stage prior is involved; what comes out is what the trained model believes.
 
-:func:`ancestral_samples` can also *keep* some layers: the exact guide (``family.exact()``) infers
+:func:`ancestral_trace` can also *keep* some layers: the exact guide (``family.exact()``) infers
 the codes of one image, the named sites are conditioned on them (``poutine.condition``) and every
 other site is redrawn from its prior given them. Keeping the layers above ``l`` and redrawing the
 rest shows what the lower layers control.
@@ -69,17 +69,9 @@ def ancestral_trace(
         return poutine.trace(poutine.condition(vae.model, data=codes)).get_trace(placeholder)
 
 
-def ancestral_samples(
-    vae: DiscreteVAE,
-    family: GuideFamily | FamilyStack,
-    n: int,
-    image_shape: Sequence[int],
-    seed: int = 0,
-    keep: Sequence[str] = (),
-    image: Tensor | None = None,
-) -> Tensor:
-    """``n`` means of ``p(x | z)`` for the draws of :func:`ancestral_trace`, ``(n, *image_shape)``."""
-    found = observed_means(ancestral_trace(vae, family, n, image_shape, seed, keep, image))
+def likelihood_mean(trace: Trace) -> Tensor:
+    """The mean of the first observed site's likelihood in a model trace, on the CPU."""
+    found = observed_means(trace)
     if not found:
         raise ValueError("the model has no observed site with a mean to show")
     return found[0][2].detach().cpu()

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from probvq.codebook import Codebook
+from probvq.imagemodel import ImageModel
 from probvq.likelihoods import Likelihood
 from probvq.nets import conv_decoder, conv_encoder
 from probvq.sites import DATA_PLATE, CodeSite, code
@@ -25,7 +26,7 @@ from probvq.sites import DATA_PLATE, CodeSite, code
 PRIORS = ("uniform", "learned")
 
 
-class VQVAE(nn.Module):
+class VQVAE(ImageModel):
     """One grid of codes between a conv encoder and decoder.
 
     Args:
@@ -50,17 +51,12 @@ class VQVAE(nn.Module):
         codebook_init: str = "kmeans",
         restart_threshold: float = 0.0,
     ) -> None:
-        super().__init__()
-        channels, side, width = image_shape
-        if side != width:
-            raise ValueError(f"image_shape: expected square images, got {image_shape}")
+        super().__init__(image_shape, likelihood)
         if prior not in PRIORS:
             raise ValueError(f"prior: expected one of {PRIORS}, got {prior!r}")
-        self.likelihood = likelihood
-        self.image_shape = (channels, side, width)
-        out_channels = channels * likelihood.channels_per_input
+        channels, side, _ = self.image_shape
         self.encoder = conv_encoder(channels, hidden, code_dim, side, grid, res_blocks)
-        self.decoder = conv_decoder(code_dim, hidden, out_channels, side, grid, res_blocks)
+        self.decoder = conv_decoder(code_dim, hidden, self.out_channels, side, grid, res_blocks)
         self.z = CodeSite(
             "z", Codebook(num_codes, code_dim, codebook_init, restart_threshold), (grid, grid)
         )
@@ -79,14 +75,6 @@ class VQVAE(nn.Module):
     def data_encoders(self) -> tuple[nn.Module, ...]:
         """The encoder: in eval mode the features of image i depend on image i alone."""
         return (self.encoder,)
-
-    def check_data(self, x: Tensor, name: str = "x") -> None:
-        """Refuse data that is not a batch of prepared images of this model's shape."""
-        if tuple(x.shape[1:]) != self.image_shape:
-            raise ValueError(
-                f"{name}: expected images of shape {self.image_shape}, got {tuple(x.shape)}"
-            )
-        self.likelihood.check_prepared(x, name)
 
     def prior(self, batch_size: int) -> Tensor:
         if self.prior_logits is None:

@@ -33,7 +33,7 @@ from probvq.inference import FAMILIES, RunDir, diagnose, evaluate, fit, load_che
 from probvq.inference.diagnostics import check_settings
 from probvq.inference.diagnostics.export import to_inference_data, write_netcdf
 from probvq.inference.diagnostics.plots import image_grid, write_plots
-from probvq.inference.sampling import ancestral_samples
+from probvq.inference.sampling import ancestral_trace, likelihood_mean
 from probvq.inference.training.checkpoint import WriteError, new_directory, write_json
 from probvq.inference.training.train import DivergenceError, TrainingInterruptedError
 
@@ -411,9 +411,8 @@ def sample_command(args: argparse.Namespace) -> int:
             raise ValueError(f"--image: expected 0 to {loaded.x.shape[0] - 1}, got {args.image}")
         keep, image = sites[: layers - args.resample_from], loaded.x[args.image]
     shape = tuple(loaded.state["image_shape"])
-    samples = ancestral_samples(
-        loaded.vae, loaded.family, args.n, shape, args.seed, keep=keep, image=image
-    )
+    trace = ancestral_trace(loaded.vae, loaded.family, args.n, shape, args.seed, keep, image)
+    samples = likelihood_mean(trace)
     title = "samples from the prior"
     if image is not None:
         samples = torch.cat([image.unsqueeze(0).cpu(), samples])

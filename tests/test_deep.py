@@ -11,7 +11,7 @@ from torch import nn
 
 from probvq.inference import FAMILIES, evaluate, point_terms
 from probvq.inference.objectives.terms import elbo_terms, run_traces
-from probvq.inference.sampling import ancestral_samples, ancestral_trace
+from probvq.inference.sampling import ancestral_trace, likelihood_mean
 from probvq.likelihoods import Bernoulli
 from probvq.models import VQVAE, DeepVAE
 from probvq.models.deep import layers_per_level
@@ -132,7 +132,7 @@ def test_ancestral_samples_come_from_the_prior():
     expected = joint.flatten().double()
     assert (frequencies - expected).abs().max() < 4 * (expected * (1 - expected) / n).sqrt().max()
     # the CLI's path: means of p(x | z) for prior draws, one per sample
-    means = ancestral_samples(vae, fam, 5, (1, 4, 4), seed=0)
+    means = likelihood_mean(ancestral_trace(vae, fam, 5, (1, 4, 4), seed=0))
     assert means.shape == (5, 1, 4, 4) and ((means > 0) & (means < 1)).all()
 
 

@@ -94,6 +94,24 @@ def test_a_gradient_spike_is_skipped_and_logged(monkeypatch):
     assert int(family.steps) == 39  # the temperature schedule skipped the spiking step
 
 
+def test_a_lasting_rise_in_the_gradient_norm_is_followed_not_fought(monkeypatch):
+    config, vae, family, train_x, valid_x = built_run(DEEP, "rr", max_steps=80, eval_every=80,
+                                                      skip_spikes=5.0)  # fmt: skip
+    real = torch.nn.utils.get_total_norm
+    calls = []
+
+    def rising(grads, *args, **kwargs):
+        calls.append(1)
+        norm = real(grads, *args, **kwargs)
+        return norm * 1000 if len(calls) > 30 else norm
+
+    monkeypatch.setattr(engine.nn.utils, "get_total_norm", rising)
+    result = fit(vae, family, train_x, valid_x[:64], config)  # no DivergenceError
+    skipped = [f["step"] for f in result.faults]
+    assert skipped and skipped[0] == 31 and len(skipped) <= 51  # until the median catches up
+    assert skipped == list(range(31, 31 + len(skipped)))
+
+
 def test_deep_runs_from_the_cli_and_samples_ancestrally(tmp_path, capsys):
     run = tmp_path / "deep"
     flags = ["--model", "deep", "--num-layers", "3", "--levels", "2", "--hidden", "8",

@@ -12,8 +12,15 @@ the best checkpoint by exact ELBO is kept.
 **Faults.** A step whose loss or gradient is not finite is skipped: no optimiser step, and the
 statistics it observed are discarded (``discard_step`` hooks). It is logged to ``faults.jsonl`` and
 stderr with the sites whose loss terms, or the parameters whose gradients, were not finite. After
-``max_bad_steps`` consecutive skipped steps the run stops (:class:`DivergenceError`), keeping its
-last good checkpoint.
+``max_bad_steps`` consecutive such steps the run stops (:class:`DivergenceError`), keeping its
+last good checkpoint. With ``skip_spikes``, a finite step whose gradient norm exceeds that factor
+times the median of the last 100 is skipped and logged the same way (kind ``"spike"``), without
+counting towards the streak.
+
+**Objective.** The rate (every latent and prior-factor site) is weighted by ``beta_t`` rising
+linearly to 1 over ``kl_warmup`` steps (:class:`probvq.warmup.RateScale`), and ``free_bits`` floors
+each latent's batch-averaged rate (:class:`~..objectives.elbo.CodeELBO`). The training terms of every
+site, averaged since the last evaluation, go into its record with ``beta``.
 
 **Checkpoints and resume.** Every ``checkpoint_every`` steps and at the end, ``last.pt`` holds the
 model, family and optimiser states (schedules and hook state are module buffers), the random states
@@ -182,11 +189,16 @@ class _Progress:
 
 
 SPIKE_WINDOW = 100
-"""Accepted steps whose gradient norms set the spike threshold (their median)."""
+"""Recent steps whose (finite) gradient norms set the spike threshold: their median."""
 
 
 def _spike_threshold(norms: list[float], factor: float | None) -> float:
-    """``factor`` times the median of the recent gradient norms; infinite until 20 are known."""
+    """``factor`` times the median of the recent gradient norms; infinite until 20 are known.
+
+    The window holds skipped steps' norms too, so the threshold follows a lasting rise (on
+    binarized MNIST the norm grows tenfold within 100 steps when a collapsed hierarchy starts using
+    its codes) and only isolated spikes are skipped.
+    """
     if factor is None or len(norms) < 20:
         return math.inf
     return factor * sorted(norms)[len(norms) // 2]
@@ -363,10 +375,15 @@ def fit(
             elif norm_sum / ranks > threshold:
                 fault = {"step": step, "kind": "spike", "loss": loss_value, "where": [],
                          "norm": norm_sum / ranks, "threshold": threshold}  # fmt: skip
+            if math.isfinite(norm_sum):
+                # Skipped spikes count too: a lasting rise in the norm (a layer waking up) lifts
+                # the median within half a window, and the steps go through again.
+                progress.norms = [*progress.norms[-(SPIKE_WINDOW - 1) :], norm_sum / ranks]
             if fault is not None:
                 discard_step(vae, family)
                 progress.faults.append(fault)
-                progress.bad_in_row += 1
+                # A spike is finite and passes: only non-finite steps make a streak.
+                progress.bad_in_row += fault["kind"] != "spike"
                 if run is not None:
                     run.log(fault, "faults")
                 if main:
@@ -378,10 +395,9 @@ def fit(
                     kept = f"{run.checkpoint('last')} (step {saved_at})" if run and saved_at else None
                     raise DivergenceError(
                         f"training stopped at step {step}: {progress.bad_in_row} consecutive steps "
-                        f"skipped (last: {_describe(fault)}); "
+                        f"with a non-finite loss or gradient (last: {_describe(fault)}); "
                         + (f"the last good checkpoint is {kept}; " if kept else "")
                         + "lower --lr or --clip-norm, or raise --max-bad-steps"
-                        + (" or --skip-spikes" if fault["kind"] == "spike" else "")
                     )
             else:
                 nn.utils.clip_grads_with_norm_(parameters, config.clip_norm, norm)
@@ -390,7 +406,6 @@ def fit(
                 progress.bad_in_row = 0
                 progress.window.append(loss_value)
                 progress.rates.append(rate_sum / ranks)
-                progress.norms = [*progress.norms[-(SPIKE_WINDOW - 1) :], norm_sum / ranks]
                 for name, value in terms.items():
                     value = value.detach().double()
                     sums[name] = sums[name] + value if name in sums else value

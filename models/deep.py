@@ -4,8 +4,9 @@ Generative story, for each image x, with layers numbered from the top (L) down t
 
     h_L   = c                                      a learned constant state (the top has no parent)
     z_l   ~ Cat(softmax(prior_l(h_l)))             at every position of layer l's grid, l = L .. 1
-    h_l-1 = h_l + block_l(h_l + inject_l(e_{z_l}))  the residual state carried down (upsampled
-                                                    twice when the next layer's grid is finer)
+    u_l   = h_l + inject_l(e_{z_l})                 the codes enter the residual state,
+    h_l-1 = u_l + branch_l(u_l)                     which is carried down (upsampled twice when
+                                                    the next layer's grid is finer)
     x     ~ p(x | decoder(h_0))
 
 so ``p(z_l | z_{>l})`` is a categorical grid whose logits come from the top-down state. The guide
@@ -108,7 +109,7 @@ class TopDownLayer(nn.Module):
         return self.posterior_head(torch.cat([h, bottom_up], 1)).movedim(1, -1)
 
     def update(self, h: Tensor, z: Tensor) -> Tensor:
-        """The state passed down: ``h + block(h + inject(z))``."""
+        """The state passed down: ``u + branch(u)`` with ``u = h + inject(z)``."""
         return self.block(h + self.inject(z.movedim(-1, 1)))
 
 

@@ -76,38 +76,32 @@ def test_training_logs_beta_and_per_layer_rates_that_sum_to_the_total():
         assert sum(losses) == pytest.approx(record["loss"], rel=1e-5)
 
 
-def test_a_gradient_spike_is_skipped_and_logged(monkeypatch):
-    config, vae, family, train_x, valid_x = built_run(DEEP, "rr", max_steps=40, eval_every=40,
+def train_with_norms(monkeypatch, steps, scale):
+    """A seeded deep run with ``skip_spikes=5`` whose step-t gradient norm is ``scale(t)`` times
+    the true one (the engine's only read of the norm)."""
+    config, vae, family, train_x, valid_x = built_run(DEEP, "rr", max_steps=steps, eval_every=steps,
                                                       skip_spikes=5.0)  # fmt: skip
     real = torch.nn.utils.get_total_norm
     calls = []
 
-    def spiking(grads, *args, **kwargs):
+    def scaled(grads, *args, **kwargs):
         calls.append(1)
-        norm = real(grads, *args, **kwargs)
-        return norm * 100 if len(calls) == 30 else norm
+        return real(grads, *args, **kwargs) * scale(len(calls))
 
-    monkeypatch.setattr(engine.nn.utils, "get_total_norm", spiking)
-    result = fit(vae, family, train_x, valid_x[:64], config)
+    monkeypatch.setattr(engine.nn.utils, "get_total_norm", scaled)
+    return family, fit(vae, family, train_x, valid_x[:64], config)
+
+
+def test_a_gradient_spike_is_skipped_and_logged(monkeypatch):
+    family, result = train_with_norms(monkeypatch, 40, lambda t: 100.0 if t == 30 else 1.0)
     assert [(f["step"], f["kind"]) for f in result.faults] == [(30, "spike")]
     assert result.faults[0]["norm"] > result.faults[0]["threshold"]
     assert int(family.steps) == 39  # the temperature schedule skipped the spiking step
 
 
 def test_a_lasting_rise_in_the_gradient_norm_is_followed_not_fought(monkeypatch):
-    config, vae, family, train_x, valid_x = built_run(DEEP, "rr", max_steps=80, eval_every=80,
-                                                      skip_spikes=5.0)  # fmt: skip
-    real = torch.nn.utils.get_total_norm
-    calls = []
-
-    def rising(grads, *args, **kwargs):
-        calls.append(1)
-        norm = real(grads, *args, **kwargs)
-        return norm * 1000 if len(calls) > 30 else norm
-
-    monkeypatch.setattr(engine.nn.utils, "get_total_norm", rising)
-    result = fit(vae, family, train_x, valid_x[:64], config)  # no DivergenceError
-    skipped = [f["step"] for f in result.faults]
+    _, result = train_with_norms(monkeypatch, 80, lambda t: 1000.0 if t > 30 else 1.0)
+    skipped = [f["step"] for f in result.faults]  # and no DivergenceError
     assert skipped and skipped[0] == 31 and len(skipped) <= 51  # until the median catches up
     assert skipped == list(range(31, 31 + len(skipped)))
 

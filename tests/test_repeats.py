@@ -151,6 +151,10 @@ def test_the_declaration_keeps_the_outermost_modules_once():
 def test_a_model_without_declared_encoders_is_diagnosed_as_before(tiny, tiny_data):
     assert data_encoders(tiny) == ()
     rr = RR(tiny.code_sites, init_var=1.0)
-    found = diagnose(tiny, rr, tiny_data, k=50, memory_mib=8)
-    assert found.log_weights is None and torch.isfinite(found.bound).all()
-    assert (found.bound <= tiny.log_marginal(tiny_data).double() + 0.1).all()
+    found = [diagnose(tiny, rr, tiny_data, k=50, memory_mib=8, seed=s) for s in range(40)]
+    assert found[0].log_weights is None and torch.isfinite(found[0].bound).all()
+    # one draw of IWAE_k may exceed log p(x); its mean may not (beyond 4 standard errors)
+    bounds = torch.stack([f.bound for f in found])
+    excess = bounds.mean(0) - tiny.log_marginal(tiny_data).double().detach()
+    assert (excess <= 4 * bounds.std(0) / len(found) ** 0.5).all()
+    assert (excess > -0.5).all()  # and it is close: k = 50 draws over 9 codes

@@ -1,6 +1,7 @@
 """Generative stories written against the code-site protocol (installed as ``probvq.models``)."""
 
 from .deep import DeepVAE
+from .hqvae import HQVAE
 from .vqvae import VQVAE
 
-__all__ = ["VQVAE", "DeepVAE"]
+__all__ = ["HQVAE", "VQVAE", "DeepVAE"]

@@ -49,7 +49,7 @@ from torch.nn import functional as F
 from probvq.codebook import Codebook
 from probvq.imagemodel import ImageModel
 from probvq.likelihoods import Likelihood
-from probvq.nets import Residual, conv_decoder, conv_encoder
+from probvq.nets import BottomUp, Residual, conv_decoder
 from probvq.sites import DATA_PLATE, CodeSite, code
 
 MAX_LAYERS = 32
@@ -111,28 +111,6 @@ class TopDownLayer(nn.Module):
     def update(self, h: Tensor, z: Tensor) -> Tensor:
         """The state passed down: ``u + branch(u)`` with ``u = h + inject(z)``."""
         return self.block(h + self.inject(z.movedim(-1, 1)))
-
-
-class BottomUp(nn.Module):
-    """``x -> [a_top, ..., a_finest]``: features at every level's resolution, top first."""
-
-    def __init__(self, channels: int, hidden: int, side: int, grids: list[int], res_blocks: int) -> None:
-        super().__init__()
-        self.stem = conv_encoder(channels, hidden, hidden, side, grids[-1], res_blocks)
-        self.down = nn.ModuleList(
-            nn.Sequential(
-                nn.ReLU(),
-                nn.Conv2d(hidden, hidden, 4, stride=2, padding=1),
-                Residual(hidden, hidden // 2),
-            )
-            for _ in grids[:-1]
-        )
-
-    def forward(self, x: Tensor) -> list[Tensor]:
-        features = [self.stem(x)]
-        for down in self.down:
-            features.append(down(features[-1]))
-        return features[::-1]
 
 
 class DeepVAE(ImageModel):

@@ -13,14 +13,20 @@ from torch import nn
 from probvq.codebook import INITIALISERS
 from probvq.config import RunConfig
 from probvq.data import Dataset, load, synthetic
-from probvq.inference import FAMILIES, GuideFamily
+from probvq.inference import FAMILIES, FamilyStack, GuideFamily
 from probvq.likelihoods import LIKELIHOODS, likelihood_for, make_likelihood
-from probvq.models import VQVAE, DeepVAE
+from probvq.models import HQVAE, VQVAE, DeepVAE
+from probvq.models.hqvae import parse_layers
 from probvq.models.vqvae import PRIORS
+from probvq.sites import CodeGroup
 
-MODELS = {"vqvae": VQVAE, "deep": DeepVAE}
+MODELS = {"vqvae": VQVAE, "deep": DeepVAE, "hqvae": HQVAE}
 SHARED = ("num_codes", "code_dim", "grid", "hidden", "res_blocks", "codebook_init", "restart_threshold")
-OWN = {"vqvae": ("prior",), "deep": ("num_layers", "levels")}
+OWN = {
+    "vqvae": ("prior",),
+    "deep": ("num_layers", "levels"),
+    "hqvae": ("prior", "layers", "shared_codebook"),
+}
 """The settings each model takes besides :data:`SHARED`; the others must keep their defaults."""
 
 
@@ -39,11 +45,13 @@ def check_names(config: RunConfig) -> None:
     defaults = RunConfig()
     for model, own in OWN.items():
         for name in own:
-            if model != config.model and getattr(config, name) != getattr(defaults, name):
+            if name not in OWN[config.model] and getattr(config, name) != getattr(defaults, name):
                 raise ValueError(
                     f"{name}: a setting of the {model!r} model, not of {config.model!r} "
                     f"(leave it at {getattr(defaults, name)!r})"
                 )
+    if config.model == "hqvae":
+        parse_layers(config.layers)
 
 
 def resolve_family(config: RunConfig) -> RunConfig:
@@ -73,7 +81,9 @@ def resolve(config: RunConfig, dataset: Dataset) -> RunConfig:
 
 def load_data(config: RunConfig) -> Dataset:
     """The run's dataset: ``--data PATH`` if given, else the named built-in dataset."""
-    dataset = load(config.data) if config.data is not None else synthetic(config.dataset)
+    if config.data is None and config.holdout is not None:
+        raise ValueError("holdout: the built-in datasets have their own validation split")
+    dataset = load(config.data, config.holdout) if config.data is not None else synthetic(config.dataset)
     if config.train_limit is not None:
         dataset = replace(dataset, train=dataset.train[: config.train_limit])
     return dataset
@@ -89,12 +99,52 @@ def build_model(config: RunConfig, dataset: Dataset) -> nn.Module:
     return MODELS[config.model](dataset.image_shape, likelihood, **settings)
 
 
-def build_family(config: RunConfig, vae: nn.Module) -> GuideFamily:
-    """The guide family named by ``config`` for ``vae``'s code sites."""
-    return FAMILIES[config.family].build(vae.code_sites, config.family_settings)
+def site_families(config: RunConfig, vae: nn.Module) -> list[str]:
+    """The family of each of ``vae``'s code sites (top first): ``config.site_families`` or all
+    ``config.family``; a residual group's sites must share one (a family answers a group whole)."""
+    sites = [site.name for site in vae.code_sites]
+    if not config.site_families:
+        return [config.family] * len(sites)
+    names = [name.strip() for name in config.site_families.split(",")]
+    if len(names) != len(sites):
+        raise ValueError(
+            f"site_families: expected {len(sites)} families, one per site ({', '.join(sites)}), "
+            f"got {config.site_families!r}"
+        )
+    for name in names:
+        if name not in FAMILIES:
+            raise ValueError(f"site_families: expected families of {sorted(FAMILIES)}, got {name!r}")
+    chosen = dict(zip(sites, names, strict=True))
+    for group in vae.modules():
+        members = [site.name for site in group.sites] if isinstance(group, CodeGroup) else []
+        if len({chosen[name] for name in members}) > 1:
+            raise ValueError(
+                f"site_families: the residual group {group.name!r} ({', '.join(members)}) is "
+                "answered by one family; give its sites the same one"
+            )
+    return names
 
 
-def build(config: RunConfig, dataset: Dataset) -> tuple[nn.Module, GuideFamily]:
+def build_family(config: RunConfig, vae: nn.Module) -> GuideFamily | FamilyStack:
+    """The guide family named by ``config`` for ``vae``'s code sites, or, with per-site families,
+    a :class:`FamilyStack` of them (``config.family`` with its settings, the others at their
+    defaults)."""
+    names = site_families(config, vae)
+    if set(names) == {config.family}:
+        return FAMILIES[config.family].build(vae.code_sites, config.family_settings)
+    families = []
+    for name in dict.fromkeys(names):
+        claims = [
+            site.name for site, chosen in zip(vae.code_sites, names, strict=True) if chosen == name
+        ]
+        settings = config.family_settings if name == config.family else {}
+        families.append(
+            FAMILIES[name].cls(vae.code_sites, claims=claims, **FAMILIES[name].resolve(settings))
+        )
+    return FamilyStack(*families)
+
+
+def build(config: RunConfig, dataset: Dataset) -> tuple[nn.Module, GuideFamily | FamilyStack]:
     """Model and family for ``config`` (with ``auto`` choices resolved) on ``dataset``."""
     config = resolve(config, dataset)
     vae = build_model(config, dataset)

@@ -38,7 +38,11 @@ from probvq.inference.training.checkpoint import WriteError, new_directory, writ
 from probvq.inference.training.train import DivergenceError, TrainingInterruptedError
 
 HELP = {
-    "model": "model to train (vqvae, deep)",
+    "model": "model to train (vqvae, deep, hqvae)",
+    "layers": "hqvae: layer kinds top first, e.g. injected,injected or residual,residual",
+    "shared_codebook": "hqvae: one codebook shared by every layer",
+    "site_families": "one family per code site, top first, e.g. sq,vq (default: --family for all)",
+    "holdout": "for data without a validation split: hold out its last N examples (default: a tenth)",
     "num_layers": "deep: layers of codes, 1 to 32",
     "levels": "deep: resolutions the layers are spread over (grid, 2 grid, ...)",
     "num_codes": "codebook size K",
@@ -353,7 +357,13 @@ def _progress(args: argparse.Namespace) -> bool:
 def evaluate_command(args: argparse.Namespace) -> int:
     loaded = _load_run(args)
     summary = evaluate(
-        loaded.vae, loaded.family, loaded.x, args.batch_size, args.seed, progress=_progress(args)
+        loaded.vae,
+        loaded.family,
+        loaded.x,
+        args.batch_size,
+        args.seed,
+        progress=_progress(args),
+        collapse=not args.no_collapse,
     )
     print(json.dumps({**loaded.report, **summary}))
     return 0
@@ -374,6 +384,7 @@ def diagnose_command(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=_progress(args),
         keep_log_weights=args.save_log_weights,
+        collapse=not args.no_collapse,
     )
     summary = {**loaded.report, **found.summary()}
     with new_directory(args.out) as out:  # all files or none: a failure leaves no partial directory
@@ -457,6 +468,12 @@ def make_parser() -> argparse.ArgumentParser:
         "diagnose",
         help="per-site ELBO terms, importance-weighted bound, PSIS k-hat, usage; JSON, netCDF, plots",
     )
+    for sub in (ev, diag):
+        sub.add_argument(
+            "--no-collapse",
+            action="store_true",
+            help="skip the layer-collapse scores (one more model pass per code site)",
+        )
     _add_run_flags(diag, batch_size=500)
     diag.add_argument("--k", type=int, default=1000, help="importance samples per data point")
     diag.add_argument(

@@ -26,6 +26,8 @@ class RunConfig:
     model: str = "vqvae"
     num_layers: int = 1  # deep: layers of codes (1 to 32)
     levels: int = 1  # deep: resolutions the layers are spread over
+    layers: str = "injected,injected"  # hqvae: layer kinds, top first (injected / residual)
+    shared_codebook: bool = False  # hqvae: one codebook for every layer
     num_codes: int = 64
     code_dim: int = 16
     grid: int = 7
@@ -38,10 +40,12 @@ class RunConfig:
     # guide family, and its section of settings (the family's defaults where not given)
     family: str = "vq"
     family_settings: dict[str, Any] = field(default_factory=dict)
+    site_families: str = ""  # one family per code site, top first ("" = `family` everywhere)
     # data
     data: str | None = None
     dataset: str = "synthetic"
     train_limit: int | None = None
+    holdout: int | None = None  # data without a validation split: hold out its last N (else a tenth)
     # training
     epochs: int = 5
     max_steps: int | None = None  # training stops at max_steps or after epochs, whichever first
@@ -77,7 +81,7 @@ class RunConfig:
             raise ValueError(f"num_codes: a codebook needs K >= 2 codes, got {self.num_codes}")
         if self.res_blocks < 0:
             raise ValueError(f"res_blocks: expected a non-negative integer, got {self.res_blocks}")
-        for name in ("max_steps", "eval_every", "train_limit"):
+        for name in ("max_steps", "eval_every", "train_limit", "holdout"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name}: expected a positive integer or nothing, got {value}")

@@ -196,18 +196,26 @@ def _as_kind(x: Tensor, kind: str) -> Tensor:
     return x.to(torch.uint8) if kind in ("binary", "8bit") else x.float()
 
 
-def make_dataset(name: str, train: np.ndarray, valid: np.ndarray | None) -> Dataset:
-    """Shape, check and split raw arrays; without ``valid`` the last tenth of ``train`` is held out.
+def make_dataset(
+    name: str, train: np.ndarray, valid: np.ndarray | None, holdout: int | None = None
+) -> Dataset:
+    """Shape, check and split raw arrays; without ``valid`` the last ``holdout`` examples of
+    ``train`` (default: the last tenth) are held out.
 
     The kind is the most general of the two splits' kinds, decided on every value.
     """
     train_t = to_images(train, f"{name} (train)")
     if valid is None:
-        if train_t.shape[0] < 2:
-            raise ValueError(f"{name}: need at least 2 examples to hold out a validation split")
-        cut = train_t.shape[0] - max(1, train_t.shape[0] // 10)
-        train_t, valid_t = train_t[:cut], train_t[cut:]
+        n = train_t.shape[0]
+        held = max(1, n // 10) if holdout is None else holdout
+        if not 1 <= held < n:
+            raise ValueError(
+                f"holdout: {name} holds {n} examples; expected 1 to {n - 1} to hold out, got {held}"
+            )
+        train_t, valid_t = train_t[: n - held], train_t[n - held :]
     else:
+        if holdout is not None:
+            raise ValueError(f"holdout: {name} has its own validation split; leave --holdout unset")
         valid_t = to_images(valid, f"{name} (valid)")
         if valid_t.shape[1:] != train_t.shape[1:]:
             raise ValueError(
@@ -271,11 +279,14 @@ def _read_directory(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     )
 
 
-def load(path: str | Path) -> Dataset:
-    """Load a dataset from a file or a directory (see the module docstring for the formats)."""
+def load(path: str | Path, holdout: int | None = None) -> Dataset:
+    """Load a dataset from a file or a directory (see the module docstring for the formats).
+
+    Data without a validation split keeps its last ``holdout`` examples (default: a tenth) apart.
+    """
     path = _existing(path)
     train, valid = _read_directory(path) if path.is_dir() else _read_file(path)
-    return make_dataset(path.name, train, valid)
+    return make_dataset(path.name, train, valid, holdout)
 
 
 # -- the synthetic default -----------------------------------------------------------------------

@@ -71,3 +71,25 @@ def conv_decoder(
             nn.ConvTranspose2d(hidden, out_channels if last else hidden, 4, stride=2, padding=1),
         ]
     return nn.Sequential(*layers)
+
+
+class BottomUp(nn.Module):
+    """``x -> [a_top, ..., a_finest]``: features at every level's resolution, top first."""
+
+    def __init__(self, channels: int, hidden: int, side: int, grids: list[int], res_blocks: int) -> None:
+        super().__init__()
+        self.stem = conv_encoder(channels, hidden, hidden, side, grids[-1], res_blocks)
+        self.down = nn.ModuleList(
+            nn.Sequential(
+                nn.ReLU(),
+                nn.Conv2d(hidden, hidden, 4, stride=2, padding=1),
+                Residual(hidden, hidden // 2),
+            )
+            for _ in grids[:-1]
+        )
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        features = [self.stem(x)]
+        for down in self.down:
+            features.append(down(features[-1]))
+        return features[::-1]

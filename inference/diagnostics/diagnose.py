@@ -131,11 +131,13 @@ def diagnose(
     progress: bool = False,
     keep_log_weights: bool = False,
     examples: int = 16,
+    collapse: bool = True,
 ) -> Diagnostics:
     """Diagnose ``vae`` under ``family`` on prepared data ``x`` with ``k`` importance draws per point.
 
     ``batch_size`` bounds the points per pass of the decomposition (lowered further to fit the
-    memory cap); ``examples`` points are kept with their reconstructions for plotting. The short
+    memory cap); ``examples`` points are kept with their reconstructions for plotting; ``collapse``
+    measures the layer-collapse scores (:func:`..objectives.evaluate.point_terms`). The short
     passes (memory probes, decomposition) run first, so bad input fails before the long one.
     """
     check_settings(k, memory_mib, batch_size, examples)
@@ -153,7 +155,9 @@ def diagnose(
         observed = observed_means(run_traces(model, guide, x[:examples].to(device))[0])
     rows = cost.rows_within(cap, k)
     # The decomposition draws once per point, so its encoders run on every row.
-    terms = point_terms(vae, family, x, min(batch_size, cost.rows_within(cap, 1)), seed, progress)
+    terms = point_terms(
+        vae, family, x, min(batch_size, cost.rows_within(cap, 1)), seed, progress, collapse
+    )
     found = _Importance({size: [] for size in curve_sizes(k)})
     with evaluation(vae, family, seed) as device, family.exact():
         bar = tqdm(total=x.shape[0], desc=f"iwae k={k}", disable=not progress, leave=False)

@@ -9,7 +9,9 @@ For every batch the guide runs twice:
   can sit above the true bound. ``gap = surrogate - exact`` is reported per example.
 
 Codebook usage is counted from the exact codes over the whole pass (batch perplexity depends on the
-batch size): perplexity ``exp(H(usage))`` and the number of codes never used.
+batch size): perplexity ``exp(H(usage))`` and the number of codes never used. The layer-collapse
+score of each code site (how much the distortion grows when its codes are redrawn from its prior,
+:func:`~.terms.collapse_scores`) costs one more model pass per site and can be switched off.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -29,7 +31,15 @@ from probvq.codebook import perplexity
 from probvq.likelihoods import bits_per_dim
 from probvq.sites import DiscreteVAE
 
-from .terms import KINDS, code_indices, elbo_terms, observed_dims, reconstruction_error, run_traces
+from .terms import (
+    KINDS,
+    code_indices,
+    collapse_scores,
+    elbo_terms,
+    observed_dims,
+    reconstruction_error,
+    run_traces,
+)
 
 if TYPE_CHECKING:
     from ..families import FamilyStack, GuideFamily
@@ -96,7 +106,8 @@ class PointTerms:
 
     ``usage`` holds, per code site, how often each code was drawn over the whole pass;
     ``surrogate_costs`` the surrogate pass's distortion and rate per site, whose differences from the
-    exact ones split the gap by site.
+    exact ones split the gap by site; ``collapse`` (when measured) the layer-collapse score of each
+    code site (:func:`~.terms.collapse_scores`).
     """
 
     exact: Tensor
@@ -108,6 +119,7 @@ class PointTerms:
     usage: dict[str, Tensor]
     observed_dims: int
     surrogate_costs: dict[str, Tensor]
+    collapse: dict[str, Tensor] = field(default_factory=dict)
 
     def gap_by_site(self) -> dict[str, Tensor]:
         """``exact cost - surrogate cost`` of each distortion and rate site: the gap's parts.
@@ -130,14 +142,20 @@ def point_terms(
     batch_size: int = 500,
     seed: int = 0,
     progress: bool = False,
+    collapse: bool = True,
 ) -> PointTerms:
-    """Run the exact and the surrogate guide over ``x`` (prepared data) and keep every term."""
+    """Run the exact and the surrogate guide over ``x`` (prepared data) and keep every term.
+
+    With ``collapse`` the model also runs once more per code site and batch, with that site's codes
+    redrawn from its prior: the layer-collapse scores.
+    """
     check_inputs(vae, x)
     model, guide = family.wrap(vae.model, pyro_params=False), family.wrap(vae.guide, pyro_params=False)
     exact, surrogate, recon = [], [], []
     parts: dict[str, dict[str, list[Tensor]]] = {kind: defaultdict(list) for kind in KINDS}
     usage: dict[str, Tensor] = {}
     costs: dict[str, list[Tensor]] = defaultdict(list)
+    scores: dict[str, list[Tensor]] = defaultdict(list)
     dims = 0
     with evaluation(vae, family, seed) as device:
         for batch in _batches(x, batch_size, progress):
@@ -153,6 +171,9 @@ def point_terms(
                 found = torch.bincount(index.flatten(), minlength=num_codes).cpu()
                 usage[name] = usage[name] + found if name in usage else found
             recon.append(reconstruction_error(model_trace).cpu())
+            if collapse:
+                for name, score in collapse_scores(model, model_trace, guide_trace, batch).items():
+                    scores[name].append(score.cpu())
             dims = observed_dims(model_trace)
             relaxed = elbo_terms(*run_traces(model, guide, batch))
             surrogate.append(relaxed.elbo.cpu())
@@ -167,6 +188,7 @@ def point_terms(
         usage=usage,
         observed_dims=dims,
         surrogate_costs={name: torch.cat(v) for name, v in costs.items()},
+        collapse={name: torch.cat(v) for name, v in scores.items()},
     )
 
 
@@ -193,6 +215,8 @@ def summarise(points: PointTerms) -> dict:
         summary[kind] = {name: site_summary(v) for name, v in getattr(points, kind).items()}
     summary["perplexity"] = {name: perplexity(c) for name, c in points.usage.items()}
     summary["dead_codes"] = {name: int((c == 0).sum()) for name, c in points.usage.items()}
+    if points.collapse:
+        summary["collapse_score"] = {name: mean_and_se(v) for name, v in points.collapse.items()}
     return summary
 
 
@@ -203,11 +227,13 @@ def evaluate(
     batch_size: int = 500,
     seed: int = 0,
     progress: bool = False,
+    collapse: bool = True,
 ) -> dict:
-    """Exact and surrogate ELBO, per-site terms, usage and reconstruction over ``x``.
+    """Exact and surrogate ELBO, per-site terms, usage, reconstruction and (with ``collapse``)
+    layer-collapse scores over ``x``.
 
     ``x`` is prepared data (the likelihood's ``prepare``). Sampling is seeded by ``seed`` inside a
     forked RNG, so evaluating never changes the caller's random stream. All figures are in nats
     per example unless named otherwise. ``progress`` shows a bar over batches.
     """
-    return summarise(point_terms(vae, family, x, batch_size, seed, progress))
+    return summarise(point_terms(vae, family, x, batch_size, seed, progress, collapse))

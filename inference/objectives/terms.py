@@ -156,6 +156,39 @@ def elbo_terms(model_trace: Trace, guide_trace: Trace) -> ElboTerms:
     return terms
 
 
+def distortion(model_trace: Trace) -> Tensor:
+    """The total distortion per example: ``-log p`` of every observed site that is no prior factor."""
+    total = 0
+    for site in model_trace.nodes.values():
+        if site["type"] == "sample" and site["is_observed"] and not site["infer"].get(RATE_OF):
+            total = total + per_example(-_log_prob(site), site)
+    if isinstance(total, int):
+        raise ValueError("no observed site: a model without data has no distortion")
+    return total
+
+
+def collapse_scores(model: Callable, model_trace: Trace, guide_trace: Trace, *args) -> dict[str, Tensor]:
+    """Per code site, how much the distortion grows when its codes are redrawn from its prior.
+
+    For each site of the guide's sample the codes are replaced by one draw from the model's prior
+    at that site (given the guide's codes above it), every other site keeps the guide's value,
+    and the model is replayed on ``args``: the score is the replayed distortion minus the
+    original, per example. A layer whose codes the decoder ignores (a collapsed layer) scores
+    about 0.
+    """
+    base = distortion(model_trace)
+    scores = {}
+    for name in code_indices(guide_trace):
+        swapped = guide_trace.copy()
+        swapped.nodes[name] = {
+            **guide_trace.nodes[name],
+            "value": model_trace.nodes[name]["fn"].sample(),
+        }
+        replayed = poutine.trace(poutine.replay(model, trace=swapped)).get_trace(*args)
+        scores[name] = distortion(prune_subsample_sites(replayed)) - base
+    return scores
+
+
 def code_indices(guide_trace: Trace) -> dict[str, tuple[int, Tensor]]:
     """The code indices of every code site in a guide trace, with the site's K."""
     codes = {}

@@ -416,7 +416,7 @@ def fit(
                     loss=f"{sum(recent) / len(recent):.2f}", rate=f"{sum(rates) / len(rates):.2f}"
                 )
             if main and (step % eval_every == 0 or step == total):
-                metrics = evaluate(vae, family, valid, batch_size=max(batch_size, 256), seed=config.seed)
+                metrics = evaluate(vae, family, valid, max(batch_size, 256), config.seed, collapse=False)
                 window, rates = progress.window or [math.nan], progress.rates or [math.nan]
                 record = {
                     "step": step,
@@ -440,6 +440,7 @@ def fit(
                     loss=f"{record['loss']:.2f}",
                     rate=f"{record['rate']:.2f}",
                     exact=f"{metrics['exact_elbo']['mean']:.2f}",
+                    ppl="/".join(f"{p:.0f}" for p in metrics["perplexity"].values()),
                 )
                 if improved:
                     checkpoint(step, ("best",))

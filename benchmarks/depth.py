@@ -1,14 +1,20 @@
-"""Cost of depth: training-step time and peak memory of the deep hierarchy for L = 1 ... 32 layers.
+"""Cost of depth: training-step time and peak memory against the number of layers.
 
-Each depth runs in a fresh process (so each peak resident size is its own): the ``deep`` model
-with the study's per-layer settings (K = 32, D = 8, ``--hidden``, 7 x 7 grids), the ``rr`` family,
-binary 28 x 28 batches of ``--batch-size``; ``--warmup`` steps, then the median of ``--steps``
-timed steps (loss, backward, Adam, after-step hooks), as :func:`probvq.inference.fit` does them.
+Each depth runs in a fresh process (so each peak resident size is its own). ``--model deep``: the
+deep hierarchy with the study's per-layer settings (K = 32, D = 8, ``--hidden``, 7 x 7 grids) on
+binary 28 x 28 batches, L = 1 ... 32. ``--model hqvae --kind injected|residual``: HQ-VAE stacks of
+one kind on binary 32 x 32 batches, K = 64, D = 16; injected layers open 2 x 2, 4 x 4, 8 x 8,
+16 x 16 in turn (so at most 4 of them), residual depths all quantise one 8 x 8 feature. The
+family is ``--family`` (``rr`` by default), batches of ``--batch-size``; ``--warmup`` steps, then
+the median of ``--steps`` timed steps (loss, backward, Adam, after-step hooks), as
+:func:`probvq.inference.fit` does them.
 Memory is the peak resident size over the baseline before the model is built (CPU), or the peak
 allocated CUDA memory. A least-squares line ``t(L) = a + b L`` is fitted to the medians and its
 R^2 reported: the cost should grow about linearly in L. Usage::
 
     python benchmarks/depth.py [--layers 1 2 4 8 16 32] [--device cpu] [--out results/depth-cpu.json]
+    python benchmarks/depth.py --model hqvae --kind residual --layers 1 2 4 8 --family sq \
+        --out benchmarks/results/hqvae-residual-cpu.json
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from common import peak_rss_mib, run_child, write_result
 from probvq.hooks import after_step, before_run
 from probvq.inference import FAMILIES
 from probvq.likelihoods import Bernoulli
-from probvq.models import DeepVAE
+from probvq.models import HQVAE, DeepVAE
 
 
 def measure(layers: int, args: argparse.Namespace) -> dict:
@@ -34,15 +40,20 @@ def measure(layers: int, args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     pyro.set_rng_seed(0)
     baseline = peak_rss_mib()
-    vae = DeepVAE((1, 28, 28), Bernoulli(), layers, args.levels, 32, 8, 7, args.hidden).to(device)
-    spec = FAMILIES["rr"]
-    family = spec.build(vae.code_sites, spec.resolve({}, source="rr")).to(device)
+    if args.model == "deep":
+        side = 28
+        vae = DeepVAE((1, side, side), Bernoulli(), layers, args.levels, 32, 8, 7, args.hidden)
+    else:
+        side, grid = 32, 2 if args.kind == "injected" else 8
+        vae = HQVAE((1, side, side), Bernoulli(), [args.kind] * layers, 64, 16, grid, args.hidden)
+    vae = vae.to(device)
+    family = FAMILIES[args.family].build(vae.code_sites).to(device)
     programs = family.wrap(vae.model, pyro_params=False), family.wrap(vae.guide, pyro_params=False)
     elbo = family.elbo(max_plate_nesting=1)
     parameters = [*vae.parameters(), *family.parameters()]
     optimiser = torch.optim.Adam(parameters, lr=1e-3)
     before_run(args.warmup + args.steps, vae, family)
-    x = (torch.rand(args.batch_size, 1, 28, 28) > 0.5).float().to(device)
+    x = (torch.rand(args.batch_size, 1, side, side) > 0.5).float().to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
@@ -83,6 +94,9 @@ def linear_fit(xs: list[float], ys: list[float]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    parser.add_argument("--model", choices=("deep", "hqvae"), default="deep")
+    parser.add_argument("--kind", choices=("injected", "residual"), default="residual")
+    parser.add_argument("--family", default="rr")
     parser.add_argument("--levels", type=int, default=1)
     parser.add_argument("--hidden", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=64)

@@ -7,6 +7,8 @@ what it was, and nothing new may exist: a refused command writes nothing.
 
 import json
 import shutil
+import struct
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -61,8 +63,17 @@ def truncate(path: Path, keep: int) -> None:
 
 
 def flip_byte(path: Path) -> None:
+    """Flip one byte in the middle of the checkpoint's largest tensor record.
+
+    (A byte in the middle of the file may land in the zip's alignment padding, which holds no
+    content: the checkpoint then loads unchanged, and rightly so.)"""
     data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
+    with zipfile.ZipFile(path) as archive:
+        member = max(archive.infolist(), key=lambda info: info.file_size)
+    offset = member.header_offset
+    name_length, extra_length = struct.unpack("<HH", data[offset + 26 : offset + 30])
+    start = offset + 30 + name_length + extra_length
+    data[start + member.compress_size // 2] ^= 0xFF
     path.write_bytes(bytes(data))
 
 

@@ -41,16 +41,15 @@ first: ``z{L}``, ..., ``z1``.
 
 from __future__ import annotations
 
-import pyro
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from probvq.codebook import Codebook
-from probvq.imagemodel import ImageModel
+from probvq.imagemodel import TopDownModel
 from probvq.likelihoods import Likelihood
 from probvq.nets import BottomUp, Residual, conv_decoder
-from probvq.sites import DATA_PLATE, CodeSite, code
+from probvq.sites import CodeSite, code
 
 MAX_LAYERS = 32
 
@@ -113,7 +112,7 @@ class TopDownLayer(nn.Module):
         return self.block(h + self.inject(z.movedim(-1, 1)))
 
 
-class DeepVAE(ImageModel):
+class DeepVAE(TopDownModel):
     """L top-down layers of code grids with learned conditional priors (see the module).
 
     Args:
@@ -171,10 +170,6 @@ class DeepVAE(ImageModel):
         """The layers' sites, top first (``z{L}`` ... ``z1``)."""
         return [layer.site for layer in self.layers]
 
-    def data_encoders(self) -> tuple[nn.Module, ...]:
-        """The bottom-up network: in eval mode a per-row function of the data."""
-        return (self.encoder,)
-
     def _descend(self, batch: int, bottom_up: list[Tensor] | None) -> Tensor:
         """The top-down pass: draw (or infer, given ``bottom_up``) every layer; the final state."""
         h = self.top.expand(batch, -1, -1, -1)
@@ -185,12 +180,3 @@ class DeepVAE(ImageModel):
             features = None if bottom_up is None else layer.features(h, bottom_up[layer.level])
             h = layer.update(h, code(layer.site, prior, features))
         return h
-
-    def model(self, x: Tensor) -> None:
-        with pyro.plate(DATA_PLATE, x.shape[0]):
-            h = self._descend(x.shape[0], None)
-            pyro.sample("x", self.likelihood(self.decoder(h)), obs=x)
-
-    def guide(self, x: Tensor) -> None:
-        with pyro.plate(DATA_PLATE, x.shape[0]):
-            self._descend(x.shape[0], self.encoder(x))

@@ -37,15 +37,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import pyro
 import torch
 from torch import Tensor, nn
 
 from probvq.codebook import Codebook
-from probvq.imagemodel import ImageModel
+from probvq.imagemodel import TopDownModel
 from probvq.likelihoods import Likelihood
 from probvq.nets import BottomUp, Residual, conv_decoder
-from probvq.sites import DATA_PLATE, CodeGroup, CodeSite, code
+from probvq.sites import CodeGroup, CodeSite, code
 
 from .vqvae import PRIORS
 
@@ -111,7 +110,7 @@ class Level(nn.Module):
         return self.block(h + self.inject(value.movedim(-1, 1)))
 
 
-class HQVAE(ImageModel):
+class HQVAE(TopDownModel):
     """A stack of injected and residual code layers (see the module).
 
     Args:
@@ -180,10 +179,6 @@ class HQVAE(ImageModel):
         """Every layer's site, top first (``z1`` ... ``zL``)."""
         return [site for level in self.levels for site in level.sites]
 
-    def data_encoders(self) -> tuple[nn.Module, ...]:
-        """The bottom-up network: in eval mode a per-row function of the data."""
-        return (self.encoder,)
-
     def _descend(self, batch: int, bottom_up: list[Tensor] | None) -> Tensor:
         """The top-down pass over the levels: draw (or, given ``bottom_up``, infer) every layer."""
         h = self.top.expand(batch, -1, -1, -1)
@@ -193,12 +188,3 @@ class HQVAE(ImageModel):
             features = None if bottom_up is None else level.features(h, bottom_up[index])
             h = level.update(h, code(level.codes, level.prior(batch), features))
         return h
-
-    def model(self, x: Tensor) -> None:
-        with pyro.plate(DATA_PLATE, x.shape[0]):
-            h = self._descend(x.shape[0], None)
-            pyro.sample("x", self.likelihood(self.decoder(h)), obs=x)
-
-    def guide(self, x: Tensor) -> None:
-        with pyro.plate(DATA_PLATE, x.shape[0]):
-            self._descend(x.shape[0], self.encoder(x))

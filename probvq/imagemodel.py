@@ -1,10 +1,12 @@
-"""What every model of square images under a likelihood shares: its shape and its data checks."""
+"""What the zoo's image models share: shape and data checks, and the top-down model/guide pair."""
 
 from __future__ import annotations
 
+import pyro
 from torch import Tensor, nn
 
 from probvq.likelihoods import Likelihood
+from probvq.sites import DATA_PLATE
 
 
 class ImageModel(nn.Module):
@@ -33,3 +35,32 @@ class ImageModel(nn.Module):
                 f"{name}: expected images of shape {self.image_shape}, got {tuple(x.shape)}"
             )
         self.likelihood.check_prepared(x, name)
+
+
+class TopDownModel(ImageModel):
+    """An image model whose model and guide walk one top-down path over its code layers.
+
+    Subclasses define ``encoder`` (x to the bottom-up features), ``decoder`` (the final state to the
+    likelihood's parameters) and ``_descend(batch, bottom_up)``, the top-down pass that draws every
+    layer from its prior when ``bottom_up`` is ``None`` (the model) and infers it from the features
+    otherwise (the guide), returning the final state. Prior and posterior then share the path.
+    """
+
+    encoder: nn.Module
+    decoder: nn.Module
+
+    def _descend(self, batch: int, bottom_up: list[Tensor] | None) -> Tensor:
+        raise NotImplementedError
+
+    def data_encoders(self) -> tuple[nn.Module, ...]:
+        """The bottom-up network: in eval mode a per-row function of the data."""
+        return (self.encoder,)
+
+    def model(self, x: Tensor) -> None:
+        with pyro.plate(DATA_PLATE, x.shape[0]):
+            h = self._descend(x.shape[0], None)
+            pyro.sample("x", self.likelihood(self.decoder(h)), obs=x)
+
+    def guide(self, x: Tensor) -> None:
+        with pyro.plate(DATA_PLATE, x.shape[0]):
+            self._descend(x.shape[0], self.encoder(x))

@@ -2,6 +2,7 @@
 
 from .base import FamilyMessenger, FamilyStack, GuideFamily, squared_error
 from .bernoulli import RelaxedBernoulli
+from .gumbel import Gumbel
 from .registry import FAMILIES, FamilySpec, Setting, register_family
 from .relaxed import GaussianQuantiser, RelaxedFamily, TemperatureSchedule
 from .rr import RR
@@ -18,6 +19,7 @@ __all__ = [
     "FamilyStack",
     "GaussianQuantiser",
     "GuideFamily",
+    "Gumbel",
     "RelaxedBernoulli",
     "RelaxedFamily",
     "Setting",

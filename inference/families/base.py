@@ -108,6 +108,8 @@ class GuideFamily(nn.Module):
     """The Pyro ELBO that trains this family."""
     space_type: type[CodeSpace] = Codebook
     """The kind of code space this family infers."""
+    answers_groups: bool = True
+    """Whether it can quantise a residual code group (a feature read in value space, depth by depth)."""
 
     def __init__(self, sites: Sequence[CodeSite], claims: Iterable[str] | None = None) -> None:
         super().__init__()
@@ -195,6 +197,11 @@ class GuideFamily(nn.Module):
     # -- answering code sites --------------------------------------------------------------
 
     def answer(self, request: CodeRequest) -> Tensor:
+        if len(request.sites) > 1 and not self.answers_groups:
+            raise ValueError(
+                f"group {request.name!r}: the {self.name!r} family does not quantise residual code "
+                "groups; give the group a codebook family such as vq, sq or rr"
+            )
         for site, prior in request.members:
             self.check_prior(site, prior)
         if not request.in_guide:

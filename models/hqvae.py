@@ -46,9 +46,8 @@ from probvq.likelihoods import Likelihood
 from probvq.nets import BottomUp, Residual, conv_decoder
 from probvq.sites import CodeGroup, CodeSite, code
 
-from .vqvae import PRIORS
-
 KINDS = ("injected", "residual")
+PRIORS = ("uniform", "learned")
 
 
 def parse_layers(layers: str | Sequence[str]) -> list[str]:

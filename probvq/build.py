@@ -23,7 +23,7 @@ from probvq.sites import CodeGroup
 MODELS = {"vqvae": VQVAE, "deep": DeepVAE, "hqvae": HQVAE}
 SHARED = ("num_codes", "code_dim", "grid", "hidden", "res_blocks", "codebook_init", "restart_threshold")
 OWN = {
-    "vqvae": ("prior",),
+    "vqvae": ("prior", "prior_hidden", "prior_layers"),
     "deep": ("num_layers", "levels"),
     "hqvae": ("prior", "layers", "shared_codebook"),
 }

@@ -1,5 +1,5 @@
 """The ``probvq`` command: ``train`` a model under a guide family; ``evaluate``, ``diagnose`` or
-``sample`` from a run.
+``sample`` from a run; ``fit-prior`` fits a second-stage PixelCNN to a run's codes.
 
 Settings come from defaults, then ``--config FILE`` (TOML or JSON), then flags. Errors in the input
 (missing files, bad data, bad settings, foreign checkpoints) are reported in one line before any
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -34,8 +35,17 @@ from probvq.inference.diagnostics import check_settings
 from probvq.inference.diagnostics.export import to_inference_data, write_netcdf
 from probvq.inference.diagnostics.plots import image_grid, write_plots
 from probvq.inference.sampling import ancestral_trace, likelihood_mean
-from probvq.inference.training.checkpoint import WriteError, new_directory, write_json
+from probvq.inference.training.checkpoint import (
+    WriteError,
+    new_directory,
+    save_checkpoint,
+    write_json,
+)
+from probvq.inference.training.prior import extract_codes, fit_prior
 from probvq.inference.training.train import DivergenceError, TrainingInterruptedError
+from probvq.pixelcnn import GatedPixelCNN
+from probvq.sites import CodeSite
+from probvq.swap import WithPriors
 
 HELP = {
     "model": "model to train (vqvae, deep, hqvae)",
@@ -51,7 +61,9 @@ HELP = {
     "hidden": "channels of the conv encoder and decoder",
     "res_blocks": "residual blocks in encoder and decoder",
     "likelihood": "auto, bernoulli, logistic (8-bit) or gaussian",
-    "prior": "uniform or learned prior over codes",
+    "prior": "uniform, learned (logits per position) or pixelcnn (vqvae: trained jointly) prior",
+    "prior_hidden": "vqvae --prior pixelcnn: channels of the PixelCNN",
+    "prior_layers": "vqvae --prior pixelcnn: gated layers of the PixelCNN",
     "codebook_init": "auto, normal, uniform, data or kmeans",
     "restart_threshold": "restart codes whose usage EMA falls below this (0: never)",
     "data": "dataset file or directory (.amat, .npz/.npy, MNIST idx, CIFAR-10 batches)",
@@ -308,8 +320,9 @@ class _Loaded:
     report: dict
 
 
-def _load_run(args: argparse.Namespace) -> _Loaded:
-    """Open ``args.run_dir``: refuse a foreign checkpoint or data of another shape, then load."""
+def _load_run(args: argparse.Namespace, fitted_prior: bool = True) -> _Loaded:
+    """Open ``args.run_dir``: refuse a foreign checkpoint or data of another shape, then load; with
+    ``--prior pixelcnn`` the model runs under its fitted second-stage prior."""
     run = RunDir.open(args.run_dir)
     config = RunConfig.from_dict(run.config(), source=f"{run.path}/config.json")
     device = args.device or config.device
@@ -334,6 +347,8 @@ def _load_run(args: argparse.Namespace) -> _Loaded:
         raise ValueError(
             f"checkpoint: {path} does not fit the model of {run.path}/config.json ({err})"
         ) from err
+    if fitted_prior and getattr(args, "prior", "model") == "pixelcnn":
+        vae = _fitted_prior(run, vae, args.site)
     vae.to(device)
     family.to(device)
     splits = {"valid": dataset.valid, "train": dataset.train}
@@ -345,6 +360,7 @@ def _load_run(args: argparse.Namespace) -> _Loaded:
         "step": state["step"],
         "data": config.data or config.dataset,
         "split": args.split,
+        "prior": getattr(args, "prior", "model"),
         **chosen,
     }
     return _Loaded(run, config, state, vae, family, vae.likelihood.prepare(images), report)
@@ -352,6 +368,91 @@ def _load_run(args: argparse.Namespace) -> _Loaded:
 
 def _progress(args: argparse.Namespace) -> bool:
     return not args.quiet and sys.stderr.isatty()
+
+
+PRIOR_SETTINGS = ("site", "checkpoint", "hidden", "layers", "kernel", "batch_size", "lr", "seed")
+"""What a fitted prior's directory records; a resumed fit must name the same."""
+
+
+def _site(vae: nn.Module, name: str | None) -> CodeSite:
+    """The code site called ``name``, or the model's first (its top layer)."""
+    sites = {site.name: site for site in vae.code_sites}
+    if name is None:
+        return vae.code_sites[0]
+    if name not in sites:
+        raise ValueError(f"--site: expected one of the model's code sites {sorted(sites)}, got {name!r}")
+    return sites[name]
+
+
+def _pixelcnn(site: CodeSite, settings: dict) -> GatedPixelCNN:
+    dim = site.space.value_shape.numel()
+    return GatedPixelCNN(site.num_codes, dim, settings["hidden"], settings["layers"], settings["kernel"])
+
+
+def fit_prior_command(args: argparse.Namespace) -> int:
+    if args.limit is not None or args.subset is not None or args.split != "valid":
+        raise ValueError(
+            "--limit, --subset, --split: fit-prior reads the run's whole train and valid splits"
+        )
+    loaded = _load_run(args, fitted_prior=False)
+    site = _site(loaded.vae, args.site)
+    settings = {name: getattr(args, name) for name in PRIOR_SETTINGS} | {"site": site.name}
+    directory = loaded.run.path / f"prior-{site.name}"
+    if (directory / "settings.json").exists():
+        saved = json.loads((directory / "settings.json").read_text())
+        if saved != settings:
+            changed = sorted(k for k in settings if saved.get(k) != settings[k])
+            raise ValueError(
+                f"{directory} holds a prior fitted with other settings ({', '.join(changed)}); "
+                "remove it to start again, or repeat its settings to resume"
+            )
+    directory.mkdir(exist_ok=True)
+    write_json(directory / "settings.json", settings)
+    codes_path = directory / "codes.pt"
+    if codes_path.exists():
+        codes = load_checkpoint(codes_path)
+    else:
+        dataset = load_data(loaded.config)
+        prepare = loaded.vae.likelihood.prepare
+        codes = {
+            split: extract_codes(loaded.vae, loaded.family, prepare(images), site.name, seed=args.seed,
+                                 progress=_progress(args))
+            for split, images in (("train", dataset.train), ("valid", dataset.valid))
+        }  # fmt: skip
+        save_checkpoint(codes_path, codes)
+    torch.manual_seed(args.seed)
+    prior = _pixelcnn(site, settings).to(site.space.like.device)
+
+    def log(record: dict) -> None:
+        if not args.quiet:
+            print(json.dumps(record), file=sys.stderr)
+
+    history = fit_prior(
+        prior, site, codes["train"], codes["valid"], args.epochs, directory / "prior.pt",
+        args.batch_size, args.lr, args.seed, _progress(args), log,
+    )  # fmt: skip
+    uniform = math.prod(site.grid) * math.log(site.num_codes)
+    print(
+        json.dumps(
+            {**loaded.report, "prior": str(directory), "uniform_nll": uniform, "history": history}
+        )
+    )
+    return 0
+
+
+def _fitted_prior(run: RunDir, vae: nn.Module, site_name: str | None) -> WithPriors:
+    """``vae`` with the PixelCNN fitted by ``probvq fit-prior`` at its site."""
+    site = _site(vae, site_name)
+    directory = run.path / f"prior-{site.name}"
+    if not (directory / "prior.pt").exists():
+        raise FileNotFoundError(
+            f"--prior pixelcnn: {directory}/prior.pt does not exist; first run "
+            f"probvq fit-prior {run.path}"
+        )
+    settings = json.loads((directory / "settings.json").read_text())
+    prior = _pixelcnn(site, settings)
+    prior.load_state_dict(load_checkpoint(directory / "prior.pt")["prior"])
+    return WithPriors(vae, {site.name: prior})
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
@@ -468,6 +569,17 @@ def make_parser() -> argparse.ArgumentParser:
         "diagnose",
         help="per-site ELBO terms, importance-weighted bound, PSIS k-hat, usage; JSON, netCDF, plots",
     )
+    fit = commands.add_parser(
+        "fit-prior", help="fit a gated PixelCNN to a run's codes (the second stage; resumable)"
+    )
+    _add_run_flags(fit, batch_size=64)
+    fit.add_argument("--site", help="code site (default: the model's first, its top layer)")
+    fit.add_argument("--epochs", type=int, default=20, help="passes over the training codes")
+    fit.add_argument("--hidden", type=int, default=64, help="channels of the PixelCNN")
+    fit.add_argument("--layers", type=int, default=8, help="gated layers")
+    fit.add_argument("--kernel", type=int, default=5, help="odd kernel size")
+    fit.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    fit.set_defaults(handler=fit_prior_command)
     for sub in (ev, diag):
         sub.add_argument(
             "--no-collapse",
@@ -500,6 +612,14 @@ def make_parser() -> argparse.ArgumentParser:
     )
     sample.add_argument("--image", type=int, default=0, help="index of the image (in --split)")
     sample.set_defaults(handler=sample_command)
+    for sub in (ev, diag, sample):
+        sub.add_argument(
+            "--prior",
+            choices=("model", "pixelcnn"),
+            default="model",
+            help="the model's own prior, or the PixelCNN fitted by probvq fit-prior (at --site)",
+        )
+        sub.add_argument("--site", help="--prior pixelcnn: its code site (default: the model's first)")
     return parser
 
 

@@ -35,6 +35,8 @@ class RunConfig:
     res_blocks: int = 2
     likelihood: str = "auto"
     prior: str = "uniform"
+    prior_hidden: int = 64  # pixelcnn prior: channels of its stacks
+    prior_layers: int = 8  # pixelcnn prior: gated layers
     codebook_init: str = "auto"
     restart_threshold: float = 0.0
     # guide family, and its section of settings (the family's defaults where not given)
@@ -71,8 +73,8 @@ class RunConfig:
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"seed: expected an integer in [0, 2**32), got {self.seed}")
         positive = (
-            "num_layers", "levels", "num_codes", "code_dim", "grid", "hidden", "epochs",
-            "batch_size", "valid_size", "checkpoint_every", "max_bad_steps",
+            "num_layers", "levels", "prior_hidden", "prior_layers", "num_codes", "code_dim", "grid",
+            "hidden", "epochs", "batch_size", "valid_size", "checkpoint_every", "max_bad_steps",
         )  # fmt: skip
         for name in positive:
             if getattr(self, name) < 1:

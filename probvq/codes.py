@@ -18,7 +18,9 @@ How ``rsample`` reparameterises is the family's choice, passed as a rule:
   ``v = a + sg(e_k - a)`` (van den Oord et al. 2017 use the encoder output as anchor);
 * :class:`Concrete` ``(tau, hard)``: Gumbel-softmax weights ``w = softmax((l + g) / tau)``
   (Jang et al. 2017; Maddison et al. 2017), ``v = sum_k w_k e_k``; with ``hard`` the forward value
-  is the hard code and the gradient that of ``w``.
+  is the hard code and the gradient that of ``w``;
+* :class:`Embedded` ``()``: the exact code ``e_k``, with the table's gradient and none to the logits
+  (score-function families).
 
 Either way the code behind a relaxed value is ``argmax_k (l_k + g_k)``, an exact draw from the
 categorical (the Gumbel-max trick), and the sample carries that index.
@@ -56,7 +58,13 @@ class Concrete:
             raise ValueError(f"temperature: must be a positive number, got {self.temperature!r}")
 
 
-ReparamRule = StraightThrough | Concrete
+@dataclass(frozen=True)
+class Embedded:
+    """No reparameterisation of q: the exact code, whose value ``e_k`` is read with the gradient of
+    the code space's table (what score-function families train the codebook by)."""
+
+
+ReparamRule = StraightThrough | Concrete | Embedded
 
 
 def broadcast_base(logits: Tensor) -> Tensor:
@@ -151,7 +159,9 @@ class CodeCategorical(TorchDistribution):
         if self.rule is None:
             raise NotImplementedError("this code distribution was built without a reparam rule")
         perturbed, index = self._draw(torch.Size(sample_shape))
-        if isinstance(self.rule, StraightThrough):
+        if isinstance(self.rule, Embedded):
+            value = self.space.embed_index(index)
+        elif isinstance(self.rule, StraightThrough):
             anchor = self.rule.anchor
             value = anchor + (self.space.embed_index(index) - anchor).detach()
         else:

@@ -6,6 +6,7 @@ from .gumbel import Gumbel
 from .registry import FAMILIES, FamilySpec, Setting, register_family
 from .relaxed import GaussianQuantiser, RelaxedFamily, TemperatureSchedule
 from .rr import RR
+from .score import Score
 from .sq import SQ
 from .vq import VQ
 
@@ -22,6 +23,7 @@ __all__ = [
     "Gumbel",
     "RelaxedBernoulli",
     "RelaxedFamily",
+    "Score",
     "Setting",
     "TemperatureSchedule",
     "register_family",

@@ -101,11 +101,17 @@ class CodeELBO(ELBO):
         every layer from it, and it names the site of a NaN."""
         totals: dict[str, dict[str, torch.Tensor]] = {kind: {} for kind in KINDS}
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
-            for kind, found in surrogate_terms(model_trace, guide_trace, self.free_bits).items():
+            for kind, found in self.particle_parts(model_trace, guide_trace).items():
                 for name, value in found.items():
                     share = value / self.num_particles
                     totals[kind][name] = totals[kind][name] + share if name in totals[kind] else share
         return totals
+
+    def particle_parts(
+        self, model_trace: Trace, guide_trace: Trace
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        """One guide sample's parts of the loss (:func:`surrogate_terms`); subclasses add terms."""
+        return surrogate_terms(model_trace, guide_trace, self.free_bits)
 
     def differentiable_terms(self, model, guide, *args, **kwargs) -> dict[str, torch.Tensor]:
         """The loss split by site (the parts of every kind, by name)."""

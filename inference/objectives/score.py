@@ -1,0 +1,96 @@
+"""Score-function gradients for exact discrete samples (NVIL: Mnih and Gregor 2014).
+
+For a guide site whose sample is exact (no reparameterisation), the gradient of the expected cost
+``E_q[c(x, z)]`` with respect to q's parameters is ``E_q[(c(x, z) - b(x)) grad log q(z | x)]`` for any
+baseline ``b`` that does not depend on ``z`` (it only lowers the variance). :class:`ScoreELBO` adds,
+per such site and example, the surrogate
+
+    sg(c - b) * log q(z | x)     and     (sg(c) - b)^2   (the baseline's own regression loss)
+
+to :class:`~.elbo.CodeELBO`'s loss, whose analytic terms keep their exact gradients (the decoder's,
+the prior's and each site's own KL). As in NVIL, a site may also carry :class:`RunningSignal`
+statistics: the signal is then centred by its running mean before the learned baseline fits what
+is left, and divided by ``max(1, running std)`` (which rescales that step's gradient by a positive
+constant: the direction stays unbiased, the magnitude does not; ``normalise=False`` keeps it
+exactly unbiased). The learning signal ``c`` of a site is the example's whole
+cost (distortion and every rate, as scaled in the loss) minus that site's own rate, which is a
+function of q's parameters, not of the sample. A site carries its baseline the way Pyro's
+``TraceGraph_ELBO`` reads it: ``infer={"baseline": {"baseline_value": b}}`` with ``b`` shaped like
+the batch. Both surrogates are reported as regularisers ``<site>.score`` and ``<site>.baseline``.
+"""
+
+from __future__ import annotations
+
+import torch
+from pyro.poutine import Trace
+from torch import Tensor, nn
+
+from .elbo import CodeELBO
+from .terms import per_example, site_terms
+
+
+class RunningSignal(nn.Module):
+    """Exponentially decaying mean and variance of a site's learning signal (NVIL's centring and
+    variance normalisation); a module, so it saves and moves with its family."""
+
+    def __init__(self, decay: float = 0.9) -> None:
+        super().__init__()
+        self.decay = decay
+        self.register_buffer("mean", torch.tensor(0.0))
+        self.register_buffer("var", torch.tensor(1.0))
+        self.register_buffer("started", torch.tensor(False))
+
+    @torch.no_grad()
+    def update(self, signal: Tensor) -> None:
+        mean, var = signal.mean(), signal.var() if signal.numel() > 1 else signal.new_zeros(())
+        if not bool(self.started):
+            self.mean.copy_(mean)
+            self.var.copy_(var)
+            self.started.fill_(True)
+            return
+        self.mean.lerp_(mean, 1 - self.decay)
+        self.var.lerp_(var, 1 - self.decay)
+
+
+class ScoreELBO(CodeELBO):
+    """:class:`~.elbo.CodeELBO` plus score-function surrogates at sites that carry a baseline.
+
+    Args:
+        normalise: divide each site's centred signal by ``max(1, running std)`` where the site
+            carries :class:`RunningSignal` statistics. Others as :class:`~.elbo.CodeELBO`.
+    """
+
+    def __init__(self, *args, normalise: bool = True, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.normalise = normalise
+
+    def particle_parts(
+        self, model_trace: Trace, guide_trace: Trace
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        parts = super().particle_parts(model_trace, guide_trace)
+        cost, own = 0.0, {}
+        for term in site_terms(model_trace, guide_trace):
+            if term.kind == "regulariser":
+                continue
+            value = per_example(term.scaled(), term.node)
+            cost = cost + value
+            if term.kind == "rate":
+                own[term.name] = own.get(term.name, 0.0) + value
+        for name, site in guide_trace.nodes.items():
+            if site["type"] != "sample" or "baseline" not in site["infer"]:
+                continue
+            baseline = site["infer"]["baseline"]["baseline_value"]
+            running: RunningSignal | None = site["infer"]["baseline"].get("running")
+            signal = (cost - own.get(name, 0.0)).detach()
+            centred, scale = signal, 1.0
+            if running is not None:  # statistics of earlier steps only: independent of this z
+                centred = signal - running.mean
+                if self.normalise:
+                    scale = running.var.sqrt().clamp_min(1.0)
+                if torch.is_grad_enabled():
+                    running.update(signal)
+            log_q = per_example(site["fn"].log_prob(site["value"]), site)
+            residual = (centred - baseline) / scale
+            parts["regulariser"][f"{name}.score"] = (residual.detach() * log_q).sum()
+            parts["regulariser"][f"{name}.baseline"] = residual.pow(2).sum()
+        return parts

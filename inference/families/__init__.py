@@ -2,6 +2,7 @@
 
 from .base import FamilyMessenger, FamilyStack, GuideFamily, squared_error
 from .bernoulli import RelaxedBernoulli
+from .enum import Enum, EnumELBO
 from .gumbel import Gumbel
 from .registry import FAMILIES, FamilySpec, Setting, register_family
 from .relaxed import GaussianQuantiser, RelaxedFamily, TemperatureSchedule
@@ -15,6 +16,8 @@ __all__ = [
     "RR",
     "SQ",
     "VQ",
+    "Enum",
+    "EnumELBO",
     "FamilyMessenger",
     "FamilySpec",
     "FamilyStack",

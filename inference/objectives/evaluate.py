@@ -31,6 +31,7 @@ from probvq.codebook import perplexity
 from probvq.likelihoods import bits_per_dim
 from probvq.sites import DiscreteVAE
 
+from .enumerate import enumerate_model
 from .terms import (
     KINDS,
     code_indices,
@@ -150,6 +151,8 @@ def point_terms(
     redrawn from its prior: the layer-collapse scores.
     """
     check_inputs(vae, x)
+    if getattr(family, "sums_out_codes", False):
+        return _enumerated_terms(vae, family, x, batch_size, seed, progress)
     model, guide = family.wrap(vae.model, pyro_params=False), family.wrap(vae.guide, pyro_params=False)
     exact, surrogate, recon = [], [], []
     parts: dict[str, dict[str, list[Tensor]]] = {kind: defaultdict(list) for kind in KINDS}
@@ -189,6 +192,42 @@ def point_terms(
         observed_dims=dims,
         surrogate_costs={name: torch.cat(v) for name, v in costs.items()},
         collapse={name: torch.cat(v) for name, v in scores.items()},
+    )
+
+
+def _enumerated_terms(
+    vae: DiscreteVAE, family: GuideFamily, x: Tensor, batch_size: int, seed: int, progress: bool
+) -> PointTerms:
+    """The exact terms of a family that sums the codes out (``enum``): the bound is ``log p(x)``,
+    no surrogate differs from it, and usage counts the posterior's expected code assignments."""
+    model = family.wrap(vae.model, pyro_params=False)
+    sites = list(family.sites.values())
+    name = "+".join(site.name for site in sites)
+    exact, distortion, rate, recon = [], [], [], []
+    usage = {site.name: torch.zeros(site.num_codes, dtype=torch.float64) for site in sites}
+    with evaluation(vae, family, seed) as device:
+        for batch in _batches(x, batch_size, progress):
+            found = enumerate_model(model, sites, batch.to(device), family.max_configurations)
+            exact.append(found.log_marginal.cpu())
+            distortion.append(found.distortion().cpu())
+            rate.append(found.rate().cpu())
+            weights = found.posterior.sum(1).double().cpu()  # (C,): expected configurations
+            for site in sites:
+                onehot = torch.nn.functional.one_hot(found.indices[site.name].cpu(), site.num_codes)
+                usage[site.name] += (weights[:, None] * onehot.flatten(1, -2).sum(1).double()).sum(0)
+            if found.squared_error is not None:
+                recon.append((found.posterior * found.squared_error).sum(0).cpu())
+    joined = torch.cat(exact)
+    return PointTerms(
+        exact=joined,
+        surrogate=joined,
+        reconstruction_mse=torch.cat(recon) if recon else torch.full_like(joined, math.nan),
+        distortion={"x": torch.cat(distortion)},
+        rate={name: torch.cat(rate)},
+        regulariser={},
+        usage=usage,
+        observed_dims=int(x[0].numel()),
+        surrogate_costs={"x": torch.cat(distortion), name: torch.cat(rate)},
     )
 
 

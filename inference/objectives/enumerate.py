@@ -1,0 +1,121 @@
+"""Exact summation over every configuration of a model's codes, for small code spaces.
+
+With ``C = prod_s K_s^{N_s}`` configurations ``c`` of all code sites ``s`` (K codes at each of N
+positions), the marginal likelihood is a finite sum::
+
+    log p(x) = logsumexp_c [log p(z = c) + log p(x | z = c)]
+
+computed here by running the model once per configuration under ``poutine.condition`` (any model,
+whatever its networks: nothing needs to broadcast over an enumeration dimension, which the conv
+nets of the zoo do not, and which Pyro's parallel enumeration in ``TraceEnum_ELBO`` requires).
+With the exact posterior ``w_c = p(z = c | x)`` the bound is tight and splits into
+
+    distortion = sum_c w_c (-log p(x | z = c))
+    rate       = KL(p(z | x) || p(z)) = sum_c w_c log(w_c / p(z = c))
+
+whose sum is ``-log p(x)``; its gradient is exactly ``-grad log p(x)`` (the weights' own gradient
+multiplies a constant and vanishes).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from pyro import poutine
+from pyro.poutine.util import prune_subsample_sites
+from torch import Tensor
+
+from probvq.factors import RATE_OF
+from probvq.sites import CodeSite
+
+from .terms import observed_means, per_example
+
+
+def configurations(sites: Sequence[CodeSite], limit: int) -> int:
+    """The number of joint configurations of ``sites``, refused above ``limit`` with its size."""
+    exponent = sum(math.prod(site.grid) * math.log10(site.num_codes) for site in sites)
+    if exponent > math.log10(limit) + 1e-9:
+        parts = ", ".join(f"{site.name}: {site.num_codes}^{math.prod(site.grid)}" for site in sites)
+        raise ValueError(
+            f"enumerate: the codes span about 10^{exponent:.1f} configurations ({parts}); exact "
+            f"summation takes at most {limit} (max_configurations): use a smaller grid or K, or "
+            "another family"
+        )
+    return round(10**exponent)
+
+
+def _index_tuples(sites: Sequence[CodeSite]) -> Iterator[tuple[int, ...]]:
+    return itertools.product(*(range(s.num_codes) for s in sites for _ in range(math.prod(s.grid))))
+
+
+@dataclass
+class Enumerated:
+    """Per configuration and example: ``log p(z = c)`` and ``log p(x | z = c)`` ``(C, B)``, the
+    likelihood's mean error ``(C, B)`` and the code indices of each configuration per site."""
+
+    log_prior: Tensor
+    log_likelihood: Tensor
+    squared_error: Tensor | None
+    indices: dict[str, Tensor]
+
+    @property
+    def log_joint(self) -> Tensor:
+        return self.log_prior + self.log_likelihood
+
+    @property
+    def log_marginal(self) -> Tensor:
+        return torch.logsumexp(self.log_joint, 0)
+
+    @property
+    def posterior(self) -> Tensor:
+        return torch.softmax(self.log_joint, 0)
+
+    def distortion(self) -> Tensor:
+        return -(self.posterior * self.log_likelihood).sum(0)
+
+    def rate(self) -> Tensor:
+        w = self.posterior
+        return (torch.special.xlogy(w, w) - w * self.log_prior).sum(0)
+
+
+def enumerate_model(model: Callable, sites: Sequence[CodeSite], x: Tensor, limit: int) -> Enumerated:
+    """Run ``model(x)`` under every configuration of ``sites`` (see the module)."""
+    configurations(sites, limit)
+    names = {site.name for site in sites}
+    priors, likelihoods, errors = [], [], []
+    indices: dict[str, list[Tensor]] = {site.name: [] for site in sites}
+    for config in _index_tuples(sites):
+        data, start = {}, 0
+        for site in sites:
+            size = math.prod(site.grid)
+            index = torch.tensor(config[start : start + size], device=x.device).view(site.grid)
+            start += size
+            indices[site.name].append(index)
+            data[site.name] = site.space.code_of_index(index.expand(x.shape[0], *site.grid))
+        trace = prune_subsample_sites(poutine.trace(poutine.condition(model, data=data)).get_trace(x))
+        log_prior, log_likelihood = 0.0, 0.0
+        for name, node in trace.nodes.items():
+            if node["type"] != "sample":
+                continue
+            if not node["is_observed"]:
+                raise ValueError(f"site {name!r}: enumerate sums over code sites only; it is a latent")
+            value = per_example(node["fn"].log_prob(node["value"]), node)
+            if name in names or node["infer"].get(RATE_OF):
+                log_prior = log_prior + value
+            else:
+                log_likelihood = log_likelihood + value
+        priors.append(log_prior)
+        likelihoods.append(log_likelihood)
+        means = observed_means(trace)
+        if means:
+            errors.append(sum((v - m).pow(2).flatten(1).mean(1) for _, v, m in means) / len(means))
+    return Enumerated(
+        torch.stack(priors),
+        torch.stack(likelihoods),
+        torch.stack(errors) if errors else None,
+        {name: torch.stack(found) for name, found in indices.items()},
+    )

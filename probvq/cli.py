@@ -43,7 +43,7 @@ from probvq.inference.training.checkpoint import (
 )
 from probvq.inference.training.prior import extract_codes, fit_prior
 from probvq.inference.training.train import DivergenceError, TrainingInterruptedError
-from probvq.pixelcnn import GatedPixelCNN
+from probvq.pixelcnn import GatedPixelCNN, UpperContext
 from probvq.sites import CodeSite
 from probvq.swap import WithPriors
 
@@ -348,7 +348,7 @@ def _load_run(args: argparse.Namespace, fitted_prior: bool = True) -> _Loaded:
             f"checkpoint: {path} does not fit the model of {run.path}/config.json ({err})"
         ) from err
     if fitted_prior and getattr(args, "prior", "model") == "pixelcnn":
-        vae = _fitted_prior(run, vae, args.site)
+        vae = _fitted_priors(run, vae)
     vae.to(device)
     family.to(device)
     splits = {"valid": dataset.valid, "train": dataset.train}
@@ -370,7 +370,9 @@ def _progress(args: argparse.Namespace) -> bool:
     return not args.quiet and sys.stderr.isatty()
 
 
-PRIOR_SETTINGS = ("site", "checkpoint", "hidden", "layers", "kernel", "batch_size", "lr", "seed")
+PRIOR_SETTINGS = (
+    "site", "context", "checkpoint", "hidden", "layers", "kernel", "batch_size", "lr", "seed",
+)  # fmt: skip
 """What a fitted prior's directory records; a resumed fit must name the same."""
 
 
@@ -384,9 +386,20 @@ def _site(vae: nn.Module, name: str | None) -> CodeSite:
     return sites[name]
 
 
-def _pixelcnn(site: CodeSite, settings: dict) -> GatedPixelCNN:
-    dim = site.space.value_shape.numel()
-    return GatedPixelCNN(site.num_codes, dim, settings["hidden"], settings["layers"], settings["kernel"])
+def _pixelcnn(vae: nn.Module, settings: dict) -> GatedPixelCNN | UpperContext:
+    """The PixelCNN a fitted prior's ``settings`` describe: over its site, reading the values of
+    its ``context`` site (upsampled) if it names one."""
+    site = _site(vae, settings["site"])
+    upper = _site(vae, settings["context"]) if settings["context"] else None
+    net = GatedPixelCNN(
+        site.num_codes,
+        site.space.value_shape.numel(),
+        settings["hidden"],
+        settings["layers"],
+        settings["kernel"],
+        context_channels=upper.space.value_shape.numel() if upper else 0,
+    )
+    return UpperContext(net, upper.name, site.grid) if upper else net
 
 
 def fit_prior_command(args: argparse.Namespace) -> int:
@@ -396,6 +409,14 @@ def fit_prior_command(args: argparse.Namespace) -> int:
         )
     loaded = _load_run(args, fitted_prior=False)
     site = _site(loaded.vae, args.site)
+    names = [s.name for s in loaded.vae.code_sites]
+    if args.context is not None:
+        upper = _site(loaded.vae, args.context)
+        if names.index(upper.name) >= names.index(site.name):
+            raise ValueError(
+                f"--context: {upper.name!r} must be a layer above {site.name!r} (the model's sites, "
+                f"top first: {', '.join(names)})"
+            )
     settings = {name: getattr(args, name) for name in PRIOR_SETTINGS} | {"site": site.name}
     directory = loaded.run.path / f"prior-{site.name}"
     if (directory / "settings.json").exists():
@@ -409,27 +430,35 @@ def fit_prior_command(args: argparse.Namespace) -> int:
     directory.mkdir(exist_ok=True)
     write_json(directory / "settings.json", settings)
     codes_path = directory / "codes.pt"
+    wanted = [site.name, *([args.context] if args.context else [])]
     if codes_path.exists():
         codes = load_checkpoint(codes_path)
     else:
         dataset = load_data(loaded.config)
         prepare = loaded.vae.likelihood.prepare
         codes = {
-            split: extract_codes(loaded.vae, loaded.family, prepare(images), site.name, seed=args.seed,
+            split: extract_codes(loaded.vae, loaded.family, prepare(images), wanted, seed=args.seed,
                                  progress=_progress(args))
             for split, images in (("train", dataset.train), ("valid", dataset.valid))
         }  # fmt: skip
         save_checkpoint(codes_path, codes)
     torch.manual_seed(args.seed)
-    prior = _pixelcnn(site, settings).to(site.space.like.device)
+    prior = _pixelcnn(loaded.vae, settings).to(site.space.like.device)
+    upper = None
+    if args.context:
+        context_site = _site(loaded.vae, args.context)
+        upper = (
+            (context_site, codes["train"][args.context]),
+            (context_site, codes["valid"][args.context]),
+        )
 
     def log(record: dict) -> None:
         if not args.quiet:
             print(json.dumps(record), file=sys.stderr)
 
     history = fit_prior(
-        prior, site, codes["train"], codes["valid"], args.epochs, directory / "prior.pt",
-        args.batch_size, args.lr, args.seed, _progress(args), log,
+        prior, site, codes["train"][site.name], codes["valid"][site.name], args.epochs,
+        directory / "prior.pt", upper, args.batch_size, args.lr, args.seed, _progress(args), log,
     )  # fmt: skip
     uniform = math.prod(site.grid) * math.log(site.num_codes)
     print(
@@ -440,19 +469,21 @@ def fit_prior_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fitted_prior(run: RunDir, vae: nn.Module, site_name: str | None) -> WithPriors:
-    """``vae`` with the PixelCNN fitted by ``probvq fit-prior`` at its site."""
-    site = _site(vae, site_name)
-    directory = run.path / f"prior-{site.name}"
-    if not (directory / "prior.pt").exists():
+def _fitted_priors(run: RunDir, vae: nn.Module) -> WithPriors:
+    """``vae`` with every PixelCNN that ``probvq fit-prior`` fitted in ``run`` at its site."""
+    found = sorted(run.path.glob("prior-*/prior.pt"))
+    if not found:
         raise FileNotFoundError(
-            f"--prior pixelcnn: {directory}/prior.pt does not exist; first run "
-            f"probvq fit-prior {run.path}"
+            f"--prior pixelcnn: {run.path} holds no fitted prior (prior-<site>/prior.pt); first "
+            f"run probvq fit-prior {run.path}"
         )
-    settings = json.loads((directory / "settings.json").read_text())
-    prior = _pixelcnn(site, settings)
-    prior.load_state_dict(load_checkpoint(directory / "prior.pt")["prior"])
-    return WithPriors(vae, {site.name: prior})
+    priors = {}
+    for path in found:
+        settings = json.loads((path.parent / "settings.json").read_text())
+        prior = _pixelcnn(vae, settings)
+        prior.load_state_dict(load_checkpoint(path)["prior"])
+        priors[settings["site"]] = prior
+    return WithPriors(vae, priors)
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
@@ -574,6 +605,9 @@ def make_parser() -> argparse.ArgumentParser:
     )
     _add_run_flags(fit, batch_size=64)
     fit.add_argument("--site", help="code site (default: the model's first, its top layer)")
+    fit.add_argument(
+        "--context", help="condition on the codes of this site above --site (upsampled to its grid)"
+    )
     fit.add_argument("--epochs", type=int, default=20, help="passes over the training codes")
     fit.add_argument("--hidden", type=int, default=64, help="channels of the PixelCNN")
     fit.add_argument("--layers", type=int, default=8, help="gated layers")
@@ -617,9 +651,8 @@ def make_parser() -> argparse.ArgumentParser:
             "--prior",
             choices=("model", "pixelcnn"),
             default="model",
-            help="the model's own prior, or the PixelCNN fitted by probvq fit-prior (at --site)",
+            help="the model's own priors, or where probvq fit-prior fitted PixelCNNs, those",
         )
-        sub.add_argument("--site", help="--prior pixelcnn: its code site (default: the model's first)")
     return parser
 
 

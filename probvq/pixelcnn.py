@@ -168,3 +168,24 @@ class _Bound(AutoregressivePrior):
         context = None if self.cond_map is None else self.cond_map.repeat(repeat, 1, 1, 1)
         logits = self.net.logits(flat, labels, context)
         return logits.reshape(*batch, *logits.shape[1:])
+
+
+class UpperContext(nn.Module):
+    """The prior of a lower site: ``net`` conditioned on the values of the site ``upper`` above it,
+    nearest-upsampled to the lower ``grid`` (a :data:`probvq.swap.ContextualPrior`)."""
+
+    def __init__(self, net: GatedPixelCNN, upper: str, grid: tuple[int, int]) -> None:
+        super().__init__()
+        self.net, self.upper, self.grid = net, upper, tuple(grid)
+
+    def context(self, value: Tensor) -> Tensor:
+        """``(B, D, *grid)`` from the upper site's values ``(B, Gu, Gu, D)``."""
+        return F.interpolate(value.movedim(-1, 1), size=self.grid, mode="nearest")
+
+    def forward(self, values: dict[str, Tensor]) -> AutoregressivePrior:
+        if self.upper not in values:
+            raise ValueError(
+                f"context: site {self.upper!r} has not been drawn yet; a lower layer's prior reads "
+                "the layers above it"
+            )
+        return self.net.given(context=self.context(values[self.upper]))

@@ -17,34 +17,56 @@ the guide family's (wrap the model first, then the family), which is what ``fami
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 
 from pyro.poutine.messenger import Messenger
 from torch import Tensor, nn
 
-from probvq.priors import Prior
+from probvq.priors import AutoregressivePrior, EnergyPrior, Prior
 from probvq.sites import CodeRequest, CodeSite
+
+ContextualPrior = Callable[[dict[str, Tensor]], Prior]
+"""A prior that depends on what the program read from earlier code sites (values by name), e.g. a
+PixelCNN over a lower layer conditioned on the upsampled codes of the layer above."""
 
 
 class PriorSwap(Messenger):
-    """Answer ``"code"`` messages for the sites named in ``priors`` with those priors."""
+    """Answer ``"code"`` messages for the sites named in ``priors`` with those priors.
 
-    def __init__(self, priors: Mapping[str, Prior]) -> None:
+    A prior may be a :data:`ContextualPrior`: it is called with the values of the code messages
+    seen so far in this run of the program (by site or group name) and returns the prior.
+    """
+
+    def __init__(self, priors: Mapping[str, Prior | ContextualPrior]) -> None:
         super().__init__()
         self.priors = dict(priors)
+        self.values: dict[str, Tensor] = {}
+
+    def __enter__(self) -> PriorSwap:
+        self.values = {}  # one run of a program: contexts come from its own codes
+        return super().__enter__()
+
+    def _resolve(self, name: str, prior: Prior) -> Prior:
+        swapped = self.priors.get(name, prior)
+        if isinstance(swapped, Tensor | AutoregressivePrior | EnergyPrior):
+            return swapped
+        return swapped(self.values)
 
     def _pyro_code(self, msg: dict) -> None:
         request: CodeRequest = msg["args"][0]
         if not any(site.name in self.priors for site in request.sites):
             return
         priors = tuple(
-            self.priors.get(site.name, prior)
+            self._resolve(site.name, prior)
             for site, prior in zip(request.sites, request.priors, strict=True)
         )
         for site, prior in zip(request.sites, priors, strict=True):
             site.check_prior(prior)
         msg["args"] = (replace(request, priors=priors), *msg["args"][1:])
+
+    def _pyro_post_code(self, msg: dict) -> None:
+        self.values[msg["args"][0].name] = msg["value"]
 
 
 class WithPriors(nn.Module):
@@ -55,7 +77,7 @@ class WithPriors(nn.Module):
         vae: the model. priors: prior by site name; each must be a site of ``vae``.
     """
 
-    def __init__(self, vae: nn.Module, priors: Mapping[str, Prior]) -> None:
+    def __init__(self, vae: nn.Module, priors: Mapping[str, Prior | ContextualPrior]) -> None:
         super().__init__()
         names = {site.name for site in vae.code_sites}
         unknown = sorted(set(priors) - names)

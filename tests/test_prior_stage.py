@@ -13,7 +13,7 @@ from probvq.cli import main
 from probvq.codebook import Codebook
 from probvq.inference import FAMILIES
 from probvq.inference.objectives.terms import elbo_terms, run_traces
-from probvq.pixelcnn import GatedPixelCNN
+from probvq.pixelcnn import GatedPixelCNN, UpperContext
 from probvq.priors import AutoregressiveCodes
 from probvq.sites import CodeSite, code
 from probvq.swap import WithPriors
@@ -117,7 +117,7 @@ def test_fit_prior_caches_codes_resumes_and_lowers_the_rate(run, capsys):
         main(["sample", str(run), "--prior", "pixelcnn", "--n", "4", "--out", str(out), "--quiet"]) == 0
     )
     capsys.readouterr()
-    assert main(["evaluate", str(run), "--prior", "pixelcnn", "--site", "y", "--quiet"]) == 2
+    assert main([*fit, "--site", "y"]) == 2
     assert "--site" in capsys.readouterr().err
 
 
@@ -126,3 +126,38 @@ def test_evaluate_refuses_a_missing_fitted_prior(tmp_path, run, capsys):
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("prior-*"))
     assert main(["evaluate", str(copy), "--prior", "pixelcnn", "--quiet"]) == 2
     assert "fit-prior" in capsys.readouterr().err
+
+
+def test_a_lower_layer_prior_reads_the_codes_above_it(tmp_path, capsys):
+    run = tmp_path / "hq"
+    args = ["train", "--model", "hqvae", "--hidden", "16", "--num-codes", "8", "--code-dim", "4",
+            "--max-steps", "6", "--train-limit", "96", "--valid-size", "32", "--quiet",
+            "--out", str(run)]  # fmt: skip
+    assert main(args) == 0
+    fit = ["fit-prior", str(run), "--hidden", "8", "--layers", "2", "--epochs", "1", "--quiet"]
+    assert main([*fit, "--site", "z1", "--context", "z2"]) == 2
+    assert "must be a layer above" in capsys.readouterr().err
+    assert main(fit) == 0 and main([*fit, "--site", "z2", "--context", "z1"]) == 0
+    capsys.readouterr()
+    assert (
+        main(["evaluate", str(run), "--prior", "pixelcnn", "--quiet", "--no-collapse", "--limit", "8"])
+        == 0
+    )
+    report = json.loads(capsys.readouterr().out)
+    assert report["prior"] == "pixelcnn" and set(report["rate"]) == {"z1", "z2"}
+    out = tmp_path / "grid.png"
+    assert (
+        main(["sample", str(run), "--prior", "pixelcnn", "--n", "3", "--out", str(out), "--quiet"]) == 0
+    )
+
+
+def test_the_upper_context_changes_the_lower_prior():
+    torch.manual_seed(5)
+    net = GatedPixelCNN(4, 3, hidden=8, layers=2, kernel=3, context_channels=2)
+    prior = UpperContext(net, "top", (4, 4))
+    value = torch.randn(2, 4, 4, 3)
+    a = prior({"top": torch.randn(2, 2, 2, 2)}).conditional_logits(value)
+    b = prior({"top": torch.randn(2, 2, 2, 2)}).conditional_logits(value)
+    assert not torch.allclose(a, b)
+    with pytest.raises(ValueError, match="has not been drawn yet"):
+        prior({})

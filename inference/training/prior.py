@@ -5,13 +5,15 @@ assigns to the training images. Here the codes come from the family's *exact* gu
 ``argmin`` for ``vq``, draws from q otherwise), are extracted once per split and cached, and the
 prior is fitted by maximum likelihood, ``min -sum_n log p(z_n | z_<n)`` in nats per grid, its
 validation NLL measured after every epoch. :func:`fit_prior` saves a checkpoint after every epoch
-and continues from one, so a stopped fit resumes where it was.
+and continues from one, so a stopped fit resumes where it was. A lower layer's prior may read the
+codes of a layer above it (:class:`~probvq.pixelcnn.UpperContext`): pass that layer's site and
+codes as ``upper``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -31,42 +33,69 @@ def extract_codes(
     vae: DiscreteVAE,
     family: nn.Module,
     x: Tensor,
-    site: str,
+    sites: Sequence[str],
     batch_size: int = 500,
     seed: int = 0,
     progress: bool = False,
-) -> Tensor:
-    """The exact guide's code indices ``(N, *grid)`` at ``site`` for prepared data ``x``."""
+) -> dict[str, Tensor]:
+    """The exact guide's code indices ``(N, *grid)`` at each of ``sites`` for prepared data ``x``
+    (one guide pass per batch: the codes of different sites belong to the same draws)."""
     check_inputs(vae, x)
     guide = family.wrap(vae.guide, pyro_params=False)
-    found = []
+    found: dict[str, list[Tensor]] = {name: [] for name in sites}
     with evaluation(vae, family, seed) as device, family.exact():
         starts = range(0, x.shape[0], batch_size)
-        for start in tqdm(starts, desc=f"codes {site}", disable=not progress, leave=False):
+        for start in tqdm(starts, desc="codes", disable=not progress, leave=False):
             guide_trace = poutine.trace(guide).get_trace(x[start : start + batch_size].to(device))
-            found.append(code_indices(guide_trace)[site][1].cpu())
-    return torch.cat(found)
+            indices = code_indices(guide_trace)
+            for name in sites:
+                found[name].append(indices[name][1].cpu())
+    return {name: torch.cat(parts) for name, parts in found.items()}
 
 
-def grid_nll(prior: AutoregressivePrior, site: CodeSite, index: Tensor, batch_size: int = 500) -> float:
+Upper = tuple[CodeSite, Tensor]
+"""A layer above and its codes ``(N, *grid)`` (aligned with the fitted site's), for a prior that
+reads them."""
+
+
+def _codes(
+    prior: AutoregressivePrior | nn.Module, site: CodeSite, upper: Upper | None, rows: Tensor
+) -> AutoregressiveCodes:
+    """The site's codes under ``prior``, bound to the upper layer's codes of ``rows`` if any."""
+    if upper is None:
+        return AutoregressiveCodes(prior, site.space, site.grid)
+    upper_site, index = upper
+    device = upper_site.space.like.device
+    value = upper_site.space.value_of(upper_site.space.code_of_index(index[rows].to(device)))
+    return AutoregressiveCodes(prior({upper_site.name: value.detach()}), site.space, site.grid)
+
+
+def grid_nll(
+    prior: AutoregressivePrior | nn.Module,
+    site: CodeSite,
+    index: Tensor,
+    upper: Upper | None = None,
+    batch_size: int = 500,
+) -> float:
     """Mean ``-log p(z)`` in nats per grid of the codes ``index`` ``(N, *grid)`` under ``prior``."""
-    codes = AutoregressiveCodes(prior, site.space, site.grid)
     device = site.space.like.device
     total = 0.0
     with torch.no_grad():
         for start in range(0, index.shape[0], batch_size):
-            code = site.space.code_of_index(index[start : start + batch_size].to(device))
-            total += float(-codes.log_prob(code).double().sum())
+            rows = torch.arange(start, min(start + batch_size, index.shape[0]))
+            code = site.space.code_of_index(index[rows].to(device))
+            total += float(-_codes(prior, site, upper, rows).log_prob(code).double().sum())
     return total / index.shape[0]
 
 
 def fit_prior(
-    prior: AutoregressivePrior,
+    prior: AutoregressivePrior | nn.Module,
     site: CodeSite,
     train: Tensor,
     valid: Tensor,
     epochs: int,
     path: Path,
+    upper: tuple[Upper, Upper] | None = None,
     batch_size: int = 64,
     lr: float = 1e-3,
     seed: int = 0,
@@ -78,7 +107,8 @@ def fit_prior(
 
     ``path`` holds the checkpoint written after every epoch (the prior, Adam's state, the random
     state and the history); if it exists, the fit continues from it. ``site``'s code space is
-    read, never trained.
+    read, never trained. ``upper`` gives the layer above and its train and valid codes for a prior
+    that reads them (an :class:`~probvq.pixelcnn.UpperContext`).
     """
     if epochs < 1 or batch_size < 1 or not (math.isfinite(lr) and lr > 0):
         raise ValueError(
@@ -96,7 +126,7 @@ def fit_prior(
         optimiser.load_state_dict(state["optimiser"])
         generator.set_state(state["generator"])
         history = state["history"]
-    codes = AutoregressiveCodes(prior, site.space, site.grid)
+    upper_train, upper_valid = upper if upper is not None else (None, None)
     device = site.space.like.device
     for epoch in range(len(history) + 1, epochs + 1):
         prior.train()
@@ -106,9 +136,10 @@ def fit_prior(
         for start in tqdm(
             batches, desc=f"prior epoch {epoch}/{epochs}", disable=not progress, leave=False
         ):
+            rows = order[start : start + batch_size]
             with torch.no_grad():
-                code = site.space.code_of_index(train[order[start : start + batch_size]].to(device))
-            loss = -codes.log_prob(code).mean()
+                code = site.space.code_of_index(train[rows].to(device))
+            loss = -_codes(prior, site, upper_train, rows).log_prob(code).mean()
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
@@ -117,7 +148,7 @@ def fit_prior(
         record = {
             "epoch": epoch,
             "train_nll": total / train.shape[0],
-            "valid_nll": grid_nll(prior, site, valid),
+            "valid_nll": grid_nll(prior, site, valid, upper_valid),
         }
         history.append(record)
         save_checkpoint(

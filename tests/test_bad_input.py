@@ -63,17 +63,19 @@ def truncate(path: Path, keep: int) -> None:
 
 
 def flip_byte(path: Path) -> None:
-    """Flip one byte in the middle of the checkpoint's largest tensor record.
+    """Flip one byte in the middle of the record of the model's largest parameter.
 
-    (A byte in the middle of the file may land in the zip's alignment padding, which holds no
-    content: the checkpoint then loads unchanged, and rightly so.)"""
+    (A byte elsewhere may land in the zip's alignment padding, or in the unused part of a storage
+    that a saved view shares: the checkpoint then loads unchanged, and rightly so.)"""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    largest = max(state["model"].values(), key=lambda t: t.numel())
+    size = largest.untyped_storage().nbytes()
     data = bytearray(path.read_bytes())
     with zipfile.ZipFile(path) as archive:
-        member = max(archive.infolist(), key=lambda info: info.file_size)
+        member = next(i for i in archive.infolist() if i.file_size == size and "/data/" in i.filename)
     offset = member.header_offset
     name_length, extra_length = struct.unpack("<HH", data[offset + 26 : offset + 30])
-    start = offset + 30 + name_length + extra_length
-    data[start + member.compress_size // 2] ^= 0xFF
+    data[offset + 30 + name_length + extra_length + member.compress_size // 2] ^= 0xFF
     path.write_bytes(bytes(data))
 
 

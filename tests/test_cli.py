@@ -141,7 +141,7 @@ def test_config_file_and_flag_precedence(tmp_path, capsys):
         (["train", "--data", "/no/such/path"], "no such file"),
         (["train", "--num-codes", "1"], "K >= 2"),
         (["train", "--temperature", "0"], "temperature"),
-        (["train", "--family", "gumbel"], "family"),
+        (["train", "--family", "gumbol"], "family"),
         (["train", "--grid", "5"], "power of two"),
         (["train", "--config", "/no/such.toml"], "--config"),
         (["evaluate", "/no/such/run"], "config.json"),

@@ -68,7 +68,7 @@ class EnumELBO(ELBO):
 
 @register_family(
     "enum",
-    "no guide: codes summed out exactly, loss -log p(x) (small code spaces only)",
+    "no guide: codes summed out exactly, the loss is minus log p(x) (small code spaces only)",
     codebook_init="normal",
     max_configurations=Setting("largest number of joint code configurations to sum over"),
 )

@@ -34,7 +34,7 @@ from .registry import Setting, register_family
 
 @register_family(
     "score",
-    "exact codes, score-function gradients with learned baselines (NVIL)",
+    "exact codes, score function gradients with learned baselines (NVIL)",
     codebook_init="kmeans",
     init_var=Setting("initial quantisation variance s^2"),
     normalise=Setting("divide the learning signal by its running standard deviation (NVIL)"),

@@ -24,19 +24,15 @@ from torch import Tensor, nn
 from probvq.codes import CodeCategorical
 from probvq.sites import CodeRequest, CodeSite
 
-from .registry import Setting, register_family
-from .relaxed import RelaxedFamily
+from .registry import register_family
+from .relaxed import RelaxedFamily, concrete_settings
 
 
 @register_family(
     "gumbel",
     "categorical q from encoder logits, Concrete relaxation, analytic KL (Jang / Maddison 2017)",
     codebook_init="normal",
-    temperature=Setting("initial Concrete temperature tau_0"),
-    temperature_min=Setting("smallest Concrete temperature tau_min"),
-    anneal_fraction=Setting("reach tau_min after this fraction of the run"),
-    anneal_rate=Setting("decay per step instead (tau_t = tau_0 exp(-rate t))", float),
-    straight_through=Setting("hard forward samples with a Concrete gradient"),
+    **concrete_settings(),
 )
 class Gumbel(RelaxedFamily):
     """Encoder logits and a Concrete relaxation (see the module). Args as

@@ -158,8 +158,12 @@ class GaussianQuantiser(RelaxedFamily):
 
 def relaxed_settings() -> dict[str, Setting]:
     """The registry settings of a Gaussian quantiser (defaults come from its constructor)."""
+    return {"init_var": Setting("initial quantisation variance s^2"), **concrete_settings()}
+
+
+def concrete_settings() -> dict[str, Setting]:
+    """The registry settings of any :class:`RelaxedFamily`: its temperature schedule and mode."""
     return {
-        "init_var": Setting("initial quantisation variance s^2"),
         "temperature": Setting("initial Concrete temperature tau_0"),
         "temperature_min": Setting("smallest Concrete temperature tau_min"),
         "anneal_fraction": Setting("reach tau_min after this fraction of the run"),

@@ -29,11 +29,11 @@ from pyro.infer.util import is_validation_enabled
 from pyro.poutine import Trace
 from pyro.util import check_site_shape
 
-from .terms import KINDS, per_example, run_traces, site_terms
+from .terms import KINDS, Term, per_example, run_traces, site_terms
 
 
 def surrogate_terms(
-    model_trace: Trace, guide_trace: Trace, free_bits: float = 0.0
+    model_trace: Trace, guide_trace: Trace, free_bits: float = 0.0, terms: list[Term] | None = None
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Each site's share of the differentiable loss of one guide sample (scaled sums), by kind
     (of :data:`~.terms.KINDS`) and name.
@@ -42,11 +42,12 @@ def surrogate_terms(
     With ``free_bits`` (nats per example), each latent's rate enters as
     ``scale * B * max(free_bits, mean_b rate_b)`` over the batch of ``B`` examples (Kingma et al.
     2016): a latent whose average rate is below the floor costs a constant, so the objective no
-    longer pushes it towards its prior.
+    longer pushes it towards its prior. ``terms`` are the traces' :func:`~.terms.site_terms` when
+    the caller has them already (each rate is computed once).
     """
     parts: dict[str, dict[str, torch.Tensor]] = {kind: {} for kind in KINDS}
     floored: dict[str, tuple[torch.Tensor, object]] = {}
-    for term in site_terms(model_trace, guide_trace):
+    for term in site_terms(model_trace, guide_trace) if terms is None else terms:
         found = parts[term.kind]
         if free_bits and term.kind == "rate":
             masked = replace(term, node={**term.node, "scale": 1.0})

@@ -25,7 +25,7 @@ import torch
 from pyro.poutine import Trace
 from torch import Tensor, nn
 
-from .elbo import CodeELBO
+from .elbo import CodeELBO, surrogate_terms
 from .terms import per_example, site_terms
 
 
@@ -67,9 +67,10 @@ class ScoreELBO(CodeELBO):
     def particle_parts(
         self, model_trace: Trace, guide_trace: Trace
     ) -> dict[str, dict[str, torch.Tensor]]:
-        parts = super().particle_parts(model_trace, guide_trace)
+        terms = list(site_terms(model_trace, guide_trace))
+        parts = surrogate_terms(model_trace, guide_trace, self.free_bits, terms)
         cost, own = 0.0, {}
-        for term in site_terms(model_trace, guide_trace):
+        for term in terms:
             if term.kind == "regulariser":
                 continue
             value = per_example(term.scaled(), term.node)

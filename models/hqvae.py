@@ -151,6 +151,7 @@ class HQVAE(TopDownModel):
                 f"layers: {len(counts)} injected resolutions from grid {grid} reach {grids[-1]}, "
                 f"not below the image side {side} (use residual layers or a smaller --grid)"
             )
+        # Built (and its table drawn) even when unused, so the README's HQ-VAE runs reproduce.
         shared = Codebook(num_codes, code_dim, codebook_init, restart_threshold)
         number, levels = 1, []
         for index, (count, side_g) in enumerate(zip(counts, grids, strict=True)):

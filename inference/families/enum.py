@@ -48,7 +48,7 @@ class EnumELBO(ELBO):
         found = enumerate_model(model, self.sites, args[0], self.limit)
         name = "+".join(site.name for site in self.sites)
         return {
-            "distortion": {"x": found.distortion().sum()},
+            "distortion": {"+".join(found.observed): found.distortion().sum()},
             "rate": {name: found.rate().sum()},
             "regulariser": {},
         }

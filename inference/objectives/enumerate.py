@@ -19,6 +19,7 @@ multiplies a constant and vanishes).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -32,7 +33,7 @@ from torch import Tensor
 from probvq.factors import RATE_OF
 from probvq.sites import CodeSite
 
-from .terms import observed_means, per_example
+from .terms import per_example, reconstruction_error
 
 
 def configurations(sites: Sequence[CodeSite], limit: int) -> int:
@@ -55,12 +56,15 @@ def _index_tuples(sites: Sequence[CodeSite]) -> Iterator[tuple[int, ...]]:
 @dataclass
 class Enumerated:
     """Per configuration and example: ``log p(z = c)`` and ``log p(x | z = c)`` ``(C, B)``, the
-    likelihood's mean error ``(C, B)`` and the code indices of each configuration per site."""
+    likelihood's mean squared error ``(C, B)`` (``None`` without a mean), the code indices of each
+    configuration per site, the names of the observed sites and their values per example."""
 
     log_prior: Tensor
     log_likelihood: Tensor
     squared_error: Tensor | None
     indices: dict[str, Tensor]
+    observed: tuple[str, ...]
+    observed_dims: int
 
     @property
     def log_joint(self) -> Tensor:
@@ -97,7 +101,7 @@ def enumerate_model(model: Callable, sites: Sequence[CodeSite], x: Tensor, limit
             indices[site.name].append(index)
             data[site.name] = site.space.code_of_index(index.expand(x.shape[0], *site.grid))
         trace = prune_subsample_sites(poutine.trace(poutine.condition(model, data=data)).get_trace(x))
-        log_prior, log_likelihood = 0.0, 0.0
+        log_prior, log_likelihood, observed, dims = 0.0, 0.0, [], 0
         for name, node in trace.nodes.items():
             if node["type"] != "sample":
                 continue
@@ -108,14 +112,17 @@ def enumerate_model(model: Callable, sites: Sequence[CodeSite], x: Tensor, limit
                 log_prior = log_prior + value
             else:
                 log_likelihood = log_likelihood + value
+                observed.append(name)
+                dims += node["fn"].event_shape.numel()
         priors.append(log_prior)
         likelihoods.append(log_likelihood)
-        means = observed_means(trace)
-        if means:
-            errors.append(sum((v - m).pow(2).flatten(1).mean(1) for _, v, m in means) / len(means))
+        with contextlib.suppress(ValueError):  # no observed site with a mean: no error to report
+            errors.append(reconstruction_error(trace))
     return Enumerated(
         torch.stack(priors),
         torch.stack(likelihoods),
         torch.stack(errors) if errors else None,
         {name: torch.stack(found) for name, found in indices.items()},
+        tuple(observed),
+        dims,
     )

@@ -205,6 +205,7 @@ def _enumerated_terms(
     name = "+".join(site.name for site in sites)
     exact, distortion, rate, recon = [], [], [], []
     usage = {site.name: torch.zeros(site.num_codes, dtype=torch.float64) for site in sites}
+    observed, dims = "x", 0
     with evaluation(vae, family, seed) as device:
         for batch in _batches(x, batch_size, progress):
             found = enumerate_model(model, sites, batch.to(device), family.max_configurations)
@@ -217,17 +218,18 @@ def _enumerated_terms(
                 usage[site.name] += (weights[:, None] * onehot.flatten(1, -2).sum(1).double()).sum(0)
             if found.squared_error is not None:
                 recon.append((found.posterior * found.squared_error).sum(0).cpu())
+            observed, dims = "+".join(found.observed), found.observed_dims
     joined = torch.cat(exact)
     return PointTerms(
         exact=joined,
         surrogate=joined,
         reconstruction_mse=torch.cat(recon) if recon else torch.full_like(joined, math.nan),
-        distortion={"x": torch.cat(distortion)},
+        distortion={observed: torch.cat(distortion)},
         rate={name: torch.cat(rate)},
         regulariser={},
         usage=usage,
-        observed_dims=int(x[0].numel()),
-        surrogate_costs={"x": torch.cat(distortion), name: torch.cat(rate)},
+        observed_dims=dims,
+        surrogate_costs={observed: torch.cat(distortion), name: torch.cat(rate)},
     )
 
 

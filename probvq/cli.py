@@ -41,7 +41,7 @@ from probvq.inference.training.checkpoint import (
     save_checkpoint,
     write_json,
 )
-from probvq.inference.training.prior import extract_codes, fit_prior
+from probvq.inference.training.prior import check_fit_settings, extract_codes, fit_prior
 from probvq.inference.training.train import DivergenceError, TrainingInterruptedError
 from probvq.pixelcnn import GatedPixelCNN, UpperContext
 from probvq.sites import CodeSite
@@ -407,16 +407,16 @@ def fit_prior_command(args: argparse.Namespace) -> int:
         raise ValueError(
             "--limit, --subset, --split: fit-prior reads the run's whole train and valid splits"
         )
+    check_fit_settings(args.epochs, args.batch_size, args.lr)
     loaded = _load_run(args, fitted_prior=False)
     site = _site(loaded.vae, args.site)
     names = [s.name for s in loaded.vae.code_sites]
-    if args.context is not None:
-        upper = _site(loaded.vae, args.context)
-        if names.index(upper.name) >= names.index(site.name):
-            raise ValueError(
-                f"--context: {upper.name!r} must be a layer above {site.name!r} (the model's sites, "
-                f"top first: {', '.join(names)})"
-            )
+    context_site = None if args.context is None else _site(loaded.vae, args.context)
+    if context_site is not None and names.index(context_site.name) >= names.index(site.name):
+        raise ValueError(
+            f"--context: {context_site.name!r} must be a layer above {site.name!r} (the model's "
+            f"sites, top first: {', '.join(names)})"
+        )
     settings = {name: getattr(args, name) for name in PRIOR_SETTINGS} | {"site": site.name}
     directory = loaded.run.path / f"prior-{site.name}"
     if (directory / "settings.json").exists():
@@ -445,11 +445,10 @@ def fit_prior_command(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     prior = _pixelcnn(loaded.vae, settings).to(site.space.like.device)
     upper = None
-    if args.context:
-        context_site = _site(loaded.vae, args.context)
+    if context_site is not None:
         upper = (
-            (context_site, codes["train"][args.context]),
-            (context_site, codes["valid"][args.context]),
+            (context_site, codes["train"][context_site.name]),
+            (context_site, codes["valid"][context_site.name]),
         )
 
     def log(record: dict) -> None:

@@ -88,6 +88,14 @@ def grid_nll(
     return total / index.shape[0]
 
 
+def check_fit_settings(epochs: int, batch_size: int, lr: float) -> None:
+    """Refuse a fit that cannot run, before any codes are extracted."""
+    if epochs < 1 or batch_size < 1 or not (math.isfinite(lr) and lr > 0):
+        raise ValueError(
+            f"epochs, batch_size, lr: expected positive values, got {epochs}, {batch_size}, {lr}"
+        )
+
+
 def fit_prior(
     prior: AutoregressivePrior | nn.Module,
     site: CodeSite,
@@ -110,10 +118,7 @@ def fit_prior(
     read, never trained. ``upper`` gives the layer above and its train and valid codes for a prior
     that reads them (an :class:`~probvq.pixelcnn.UpperContext`).
     """
-    if epochs < 1 or batch_size < 1 or not (math.isfinite(lr) and lr > 0):
-        raise ValueError(
-            f"epochs, batch_size, lr: expected positive values, got {epochs}, {batch_size}, {lr}"
-        )
+    check_fit_settings(epochs, batch_size, lr)
     for name, index in (("train", train), ("valid", valid)):
         if index.shape[0] == 0 or tuple(index.shape[1:]) != site.grid:
             raise ValueError(f"{name}: expected codes (N >= 1, {site.grid}), got {tuple(index.shape)}")

@@ -2,6 +2,7 @@
 
 from .deep import DeepVAE
 from .hqvae import HQVAE
+from .rbm import RBMVAE
 from .vqvae import VQVAE
 
-__all__ = ["HQVAE", "VQVAE", "DeepVAE"]
+__all__ = ["HQVAE", "VQVAE", "DeepVAE", "RBMVAE"]

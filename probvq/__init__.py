@@ -9,8 +9,9 @@ code-site protocol, between-step hooks, likelihoods, networks, data). Models are
 from probvq.codebook import Codebook, perplexity
 from probvq.codes import CodeCategorical, CodePoint, Concrete, StraightThrough
 from probvq.factors import prior_factor, regulariser
-from probvq.hooks import after_step, before_run, discard_step
+from probvq.hooks import after_step, before_evaluation, before_run, discard_step
 from probvq.priors import AutoregressivePrior, EnergyPrior
+from probvq.rbm import RBM, RBMPrior, ais
 from probvq.rates import rate
 from probvq.sites import DATA_PLATE, CodeGroup, CodeRequest, CodeSite, code
 from probvq.spaces import BinaryUnits, CodeSpace
@@ -30,8 +31,12 @@ __all__ = [
     "Codebook",
     "Concrete",
     "EnergyPrior",
+    "RBM",
+    "RBMPrior",
     "StraightThrough",
     "after_step",
+    "ais",
+    "before_evaluation",
     "before_run",
     "code",
     "discard_step",

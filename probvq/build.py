@@ -15,19 +15,24 @@ from probvq.config import RunConfig
 from probvq.data import Dataset, load, synthetic
 from probvq.inference import FAMILIES, FamilyStack, GuideFamily
 from probvq.likelihoods import LIKELIHOODS, likelihood_for, make_likelihood
-from probvq.models import HQVAE, VQVAE, DeepVAE
+from probvq.models import HQVAE, VQVAE, DeepVAE, RBMVAE
 from probvq.models.hqvae import parse_layers
+from probvq.models.rbm import STAGES
 from probvq.models.vqvae import PRIORS
 from probvq.sites import CodeGroup
 
-MODELS = {"vqvae": VQVAE, "deep": DeepVAE, "hqvae": HQVAE}
-SHARED = ("num_codes", "code_dim", "grid", "hidden", "res_blocks", "codebook_init", "restart_threshold")
-OWN = {
-    "vqvae": ("prior", "prior_hidden", "prior_layers"),
-    "deep": ("num_layers", "levels"),
-    "hqvae": ("prior", "layers", "shared_codebook"),
-}
-"""The settings each model takes besides :data:`SHARED`; the others must keep their defaults."""
+MODELS = {"vqvae": VQVAE, "deep": DeepVAE, "hqvae": HQVAE, "rbm": RBMVAE}
+GRID = ("num_codes", "code_dim", "grid", "hidden", "res_blocks", "codebook_init", "restart_threshold")
+SETTINGS = {
+    "vqvae": (*GRID, "prior", "prior_hidden", "prior_layers"),
+    "deep": (*GRID, "num_layers", "levels"),
+    "hqvae": (*GRID, "prior", "layers", "shared_codebook"),
+    "rbm": ("hidden", "latent_units", "rbm_hidden", "pcd_chains", "gibbs_sweeps", "ais_chains",
+            "ais_steps"),
+}  # fmt: skip
+"""The settings each model takes; a setting of another model must keep its default."""
+STAGED = ("stages", "stage_epochs")
+"""Settings of models trained in stages (those with ``start_stage``)."""
 
 
 def check_names(config: RunConfig) -> None:
@@ -43,15 +48,42 @@ def check_names(config: RunConfig) -> None:
         if getattr(config, name) not in allowed:
             raise ValueError(f"{name}: expected one of {allowed}, got {getattr(config, name)!r}")
     defaults = RunConfig()
-    for model, own in OWN.items():
+    staged = [name for name, cls in MODELS.items() if hasattr(cls, "start_stage")]
+    for model, own in (*SETTINGS.items(), *((m, STAGED) for m in staged)):
         for name in own:
-            if name not in OWN[config.model] and getattr(config, name) != getattr(defaults, name):
+            takes = name in SETTINGS[config.model] or (name in STAGED and config.model in staged)
+            if not takes and getattr(config, name) != getattr(defaults, name):
                 raise ValueError(
                     f"{name}: a setting of the {model!r} model, not of {config.model!r} "
                     f"(leave it at {getattr(defaults, name)!r})"
                 )
     if config.model == "hqvae":
         parse_layers(config.layers)
+    if config.model in staged:
+        stage_plan(config)
+
+
+def stage_plan(config: RunConfig) -> list[tuple[str, int]]:
+    """``(stage, epochs)`` of a staged model's run: ``config.stages`` (default: one ``joint``
+    stage) with ``config.stage_epochs`` (default: ``config.epochs`` each)."""
+    stages = [name.strip() for name in (config.stages or "joint").split(",")]
+    for name in stages:
+        if name not in STAGES:
+            raise ValueError(f"stages: expected a comma list of {STAGES}, got {config.stages!r}")
+    if len(set(stages)) != len(stages):
+        raise ValueError(f"stages: each stage runs once, got {config.stages!r}")
+    if not config.stage_epochs:
+        return [(name, config.epochs) for name in stages]
+    try:
+        epochs = [int(n) for n in config.stage_epochs.split(",")]
+    except ValueError:
+        epochs = []
+    if len(epochs) != len(stages) or min(epochs) < 1:
+        raise ValueError(
+            f"stage_epochs: expected {len(stages)} positive integers, one per stage of "
+            f"{','.join(stages)}, got {config.stage_epochs!r}"
+        )
+    return list(zip(stages, epochs, strict=True))
 
 
 def resolve_family(config: RunConfig) -> RunConfig:
@@ -66,7 +98,7 @@ def resolve_family(config: RunConfig) -> RunConfig:
     spec = FAMILIES[config.family]
     settings = spec.resolve(config.family_settings, source=f"[{config.family}]")
     config = replace(config, family_settings=settings)
-    if config.codebook_init == "auto":
+    if config.codebook_init == "auto" and "codebook_init" in SETTINGS[config.model]:
         config = replace(config, codebook_init=spec.codebook_init)
     return config
 
@@ -95,7 +127,9 @@ def build_model(config: RunConfig, dataset: Dataset) -> nn.Module:
     likelihood = make_likelihood(config.likelihood, dataset.kind, channels)
     likelihood.check(dataset.train, "data (train)")
     likelihood.check(dataset.valid, "data (valid)")
-    settings = {name: getattr(config, name) for name in (*SHARED, *OWN[config.model])}
+    settings = {name: getattr(config, name) for name in SETTINGS[config.model]}
+    if hasattr(MODELS[config.model], "start_stage"):
+        settings["stage"] = stage_plan(config)[-1][0]
     return MODELS[config.model](dataset.image_shape, likelihood, **settings)
 
 

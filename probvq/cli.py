@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from probvq import distributed
-from probvq.build import build, load_data, resolve, resolve_family
+from probvq.build import MODELS, build, load_data, resolve, resolve_family, stage_plan
 from probvq.config import RunConfig, read_config_file
 from probvq.data import Dataset
 from probvq.inference import FAMILIES, RunDir, diagnose, evaluate, fit, load_checkpoint
@@ -48,7 +48,7 @@ from probvq.sites import CodeSite
 from probvq.swap import WithPriors
 
 HELP = {
-    "model": "model to train (vqvae, deep, hqvae)",
+    "model": "model to train (vqvae, deep, hqvae, rbm)",
     "layers": "hqvae: layer kinds top first, e.g. injected,injected or residual,residual",
     "shared_codebook": "hqvae: one codebook shared by every layer",
     "site_families": "one family per code site, top first, e.g. sq,vq (default: --family for all)",
@@ -65,6 +65,15 @@ HELP = {
     "prior_hidden": "vqvae --prior pixelcnn: channels of the PixelCNN",
     "prior_layers": "vqvae --prior pixelcnn: gated layers of the PixelCNN",
     "codebook_init": "auto, normal, uniform, data or kmeans",
+    "latent_units": "rbm: binary latent units D",
+    "rbm_hidden": "rbm: hidden units of the RBM prior, summed out of its free energy",
+    "pcd_chains": "rbm: persistent Gibbs chains estimating the gradient of log Z",
+    "gibbs_sweeps": "rbm: Gibbs sweeps of the persistent chains per step (PCD-k)",
+    "ais_chains": "rbm: annealed-importance-sampling runs for log Z at each evaluation",
+    "ais_steps": "rbm: intermediate temperatures of each AIS run",
+    "stages": "rbm: stages to run in order, of pretrain (factorial prior), rbm (fit the RBM to the "
+    "codes), joint (default: joint)",
+    "stage_epochs": "rbm: epochs of each stage, e.g. 10,5,10 (default: --epochs each)",
     "restart_threshold": "restart codes whose usage EMA falls below this (0: never)",
     "data": "dataset file or directory (.amat, .npz/.npy, MNIST idx, CIFAR-10 batches)",
     "dataset": "built-in dataset when --data is not given: synthetic or synthetic-rgb",
@@ -226,6 +235,56 @@ def _fit(
     return 0
 
 
+def _staged(config: RunConfig) -> bool:
+    return hasattr(MODELS[config.model], "start_stage")
+
+
+def _stage_dirs(run: RunDir, config: RunConfig) -> list[tuple[RunConfig, Path]]:
+    """Each stage's config (the plan's, with that stage alone and its epochs) and directory."""
+    return [
+        (replace(config, stages=name, stage_epochs="", epochs=epochs, out=str(run.path / name)),
+         run.path / name)
+        for name, epochs in stage_plan(config)
+    ]  # fmt: skip
+
+
+def _train_stages(run: RunDir, config: RunConfig, dataset: Dataset, quiet: bool) -> int:
+    """Run the stages of a staged model, each in its own run directory under ``run``.
+
+    A finished stage (``final.pt``) is kept; an interrupted one resumes from its newest good
+    checkpoint; a new one starts from the previous stage's final model (a fresh optimiser and
+    family) and the model's ``start_stage``.
+    """
+    if distributed.active():
+        raise ValueError("stages: staged models train in one process (not under torchrun)")
+    previous: Path | None = None
+    finished = []
+    for stage_config, path in _stage_dirs(run, config):
+        if not (path / "final.pt").exists():
+            built = _seeded_build(stage_config, dataset)
+            state = None
+            if path.exists():
+                stage = RunDir.open(path)
+                state, problems = stage.latest()
+                for problem in problems:
+                    _warn(f"{problem}; resuming from the checkpoint before it")
+                stage.clear_temporaries()
+                progress = state["progress"] if state is not None else {"history": [], "faults": []}
+                stage.rewrite_log(progress["history"])
+                stage.rewrite_log(progress["faults"], "faults")
+            else:
+                stage = RunDir.create(path, stage_config.to_dict())
+            if state is None:
+                if previous is not None:
+                    built[0].load_state_dict(load_checkpoint(previous)["model"])
+                built[0].start_stage()
+            _fit(stage, stage_config, dataset, built, state, quiet)
+        previous = path / "final.pt"
+        finished.append({"stage": stage_config.stages, **json.loads((path / "summary.json").read_text())})
+    write_json(run.path / "summary.json", {"run_dir": str(run.path), "stages": finished})
+    return 0
+
+
 def train_command(args: argparse.Namespace) -> int:
     if args.resume is not None:
         return resume_command(args)
@@ -240,10 +299,12 @@ def train_command(args: argparse.Namespace) -> int:
     distributed.barrier()
     run = RunDir.create(out, config.to_dict()) if distributed.is_main() else None
     try:
+        if run is not None and _staged(config):
+            return _train_stages(run, config, dataset, config.quiet)
         return _fit(run, config, dataset, built, None, config.quiet)
     except (DivergenceError, OSError, ValueError):
         # A run that never reached a checkpoint holds nothing to resume: leave no directory.
-        if run is not None and not run.checkpoint("last").exists():
+        if run is not None and not run.checkpoint("last").exists() and not _staged(config):
             run.discard()
         raise
 
@@ -262,6 +323,10 @@ def resume_command(args: argparse.Namespace) -> int:
     config = RunConfig.from_dict(run.config(), source=f"{run.path}/config.json")
     config = _join_process_group(resolve_family(config))
     _check_device(config.device)
+    if _staged(config) and len(stage_plan(config)) > 1:
+        if all((path / "final.pt").exists() for _, path in _stage_dirs(run, config)):
+            raise ValueError(f"--resume: {run.path} already finished every stage")
+        return _train_stages(run, config, load_data(config), args.quiet or config.quiet)
     state, problems = run.latest()
     for problem in problems:
         _warn(f"{problem}; resuming from the checkpoint before it")
@@ -325,6 +390,13 @@ def _load_run(args: argparse.Namespace, fitted_prior: bool = True) -> _Loaded:
     ``--prior pixelcnn`` the model runs under its fitted second-stage prior."""
     run = RunDir.open(args.run_dir)
     config = RunConfig.from_dict(run.config(), source=f"{run.path}/config.json")
+    if _staged(config) and len(stage_plan(config)) > 1:
+        # A staged run: its newest stage that holds the checkpoint asked for.
+        found = [path for _, path in _stage_dirs(run, config) if (path / f"{args.checkpoint}.pt").exists()]
+        if not found:
+            raise FileNotFoundError(f"run_dir: no stage of {run.path} holds a {args.checkpoint}.pt yet")
+        run = RunDir.open(found[-1])
+        config = RunConfig.from_dict(run.config(), source=f"{run.path}/config.json")
     device = args.device or config.device
     _check_device(device)
     _check_selection(args)

@@ -39,6 +39,14 @@ class RunConfig:
     prior_layers: int = 8  # pixelcnn prior: gated layers
     codebook_init: str = "auto"
     restart_threshold: float = 0.0
+    latent_units: int = 200  # rbm: binary latent units D
+    rbm_hidden: int = 200  # rbm: hidden units M of the RBM prior (summed out)
+    pcd_chains: int = 100  # rbm: persistent Gibbs chains for the gradient of log Z
+    gibbs_sweeps: int = 1  # rbm: Gibbs sweeps of the chains per step (PCD-k)
+    ais_chains: int = 100  # rbm: AIS runs estimating log Z at each evaluation
+    ais_steps: int = 1000  # rbm: AIS intermediate temperatures
+    stages: str = ""  # staged models (rbm): e.g. pretrain,rbm,joint ("" = joint)
+    stage_epochs: str = ""  # one number of epochs per stage ("" = epochs for each)
     # guide family, and its section of settings (the family's defaults where not given)
     family: str = "vq"
     family_settings: dict[str, Any] = field(default_factory=dict)
@@ -75,6 +83,7 @@ class RunConfig:
         positive = (
             "num_layers", "levels", "prior_hidden", "prior_layers", "num_codes", "code_dim", "grid",
             "hidden", "epochs", "batch_size", "valid_size", "checkpoint_every", "max_bad_steps",
+            "latent_units", "rbm_hidden", "pcd_chains", "gibbs_sweeps", "ais_chains", "ais_steps",
         )  # fmt: skip
         for name in positive:
             if getattr(self, name) < 1:

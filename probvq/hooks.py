@@ -8,7 +8,11 @@ model or a family may take part by defining either method:
   relative to the run read it);
 * ``after_step()``: called after every optimiser step;
 * ``discard_step()``: called instead of ``after_step`` when the engine skips a step (a non-finite
-  loss or gradient): statistics observed during the step must be forgotten, not committed.
+  loss or gradient): statistics observed during the step must be forgotten, not committed;
+* ``before_evaluation(seed)``: called before every evaluation pass to compute what evaluation
+  needs from the current parameters but training does not (an energy prior's ``log Z``, by
+  enumeration or annealed importance sampling, seeded by ``seed``); returns a JSON-ready report,
+  or ``None``. :func:`probvq.inference.evaluate` and ``diagnose`` call it.
 
 :func:`after_step` and :func:`before_run` call them on every distinct submodule of the given roots
 that defines them, each once, in ``modules()`` order. :func:`probvq.inference.fit` calls both; a
@@ -54,3 +58,12 @@ def discard_step(*roots: nn.Module) -> None:
     """Run the ``discard_step`` hook of every module under ``roots`` that defines one."""
     for module in _with("discard_step", roots):
         module.discard_step()
+
+
+def before_evaluation(seed: int, *roots: nn.Module) -> dict[str, dict]:
+    """Run every ``before_evaluation`` hook under ``roots``; their reports by module name (hooks
+    that return ``None`` report nothing)."""
+    names = {id(m): name for root in roots for name, m in root.named_modules()}
+    reports = {names[id(m)] or type(m).__name__: m.before_evaluation(seed)
+               for m in _with("before_evaluation", roots)}  # fmt: skip
+    return {name: report for name, report in reports.items() if report is not None}

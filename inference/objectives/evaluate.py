@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from probvq.codebook import perplexity
+from probvq.hooks import before_evaluation
 from probvq.likelihoods import bits_per_dim
 from probvq.sites import DiscreteVAE
 
@@ -121,6 +122,8 @@ class PointTerms:
     observed_dims: int
     surrogate_costs: dict[str, Tensor]
     collapse: dict[str, Tensor] = field(default_factory=dict)
+    normalisers: dict[str, dict] = field(default_factory=dict)
+    """The ``before_evaluation`` reports of the model's modules (e.g. an RBM prior's ``log Z``)."""
 
     def gap_by_site(self) -> dict[str, Tensor]:
         """``exact cost - surrogate cost`` of each distortion and rate site: the gap's parts.
@@ -161,6 +164,7 @@ def point_terms(
     scores: dict[str, list[Tensor]] = defaultdict(list)
     dims = 0
     with evaluation(vae, family, seed) as device:
+        normalisers = before_evaluation(seed, vae, family)
         for batch in _batches(x, batch_size, progress):
             batch = batch.to(device)
             with family.exact():
@@ -192,6 +196,7 @@ def point_terms(
         observed_dims=dims,
         surrogate_costs={name: torch.cat(v) for name, v in costs.items()},
         collapse={name: torch.cat(v) for name, v in scores.items()},
+        normalisers=normalisers,
     )
 
 
@@ -207,6 +212,7 @@ def _enumerated_terms(
     usage = {site.name: torch.zeros(site.num_codes, dtype=torch.float64) for site in sites}
     observed, dims = "x", 0
     with evaluation(vae, family, seed) as device:
+        normalisers = before_evaluation(seed, vae, family)
         for batch in _batches(x, batch_size, progress):
             found = enumerate_model(model, sites, batch.to(device), family.max_configurations)
             exact.append(found.log_marginal.cpu())
@@ -230,6 +236,7 @@ def _enumerated_terms(
         usage=usage,
         observed_dims=dims,
         surrogate_costs={observed: torch.cat(distortion), name: torch.cat(rate)},
+        normalisers=normalisers,
     )
 
 
@@ -256,6 +263,8 @@ def summarise(points: PointTerms) -> dict:
         summary[kind] = {name: site_summary(v) for name, v in getattr(points, kind).items()}
     summary["perplexity"] = {name: perplexity(c) for name, c in points.usage.items()}
     summary["dead_codes"] = {name: int((c == 0).sum()) for name, c in points.usage.items()}
+    if points.normalisers:
+        summary["log_normalisers"] = points.normalisers
     if points.collapse:
         summary["collapse_score"] = {name: mean_and_se(v) for name, v in points.collapse.items()}
     return summary

@@ -312,10 +312,13 @@ def fit(
         for name in names:
             run.save(name, state) if name == "last" else save_checkpoint(run.checkpoint(name), state)
 
+    # A module may say what the loss leaves out (an energy prior's log Z): bar and log repeat it.
+    notes = sorted({note for m in vae.modules() if (note := getattr(m, "loss_note", None))})
     bar = tqdm(
         total=total,
         initial=start,
-        desc=f"train {type(vae).__name__.lower()}/{family.name}",
+        desc=f"train {type(vae).__name__.lower()}/{family.name}"
+        + (f" (loss: -{', '.join(notes)})" if notes else ""),
         disable=config.quiet or not sys.stderr.isatty() or not main,
     )
     vae.train()
@@ -422,6 +425,7 @@ def fit(
                     "step": step,
                     "epoch": step / steps_per_epoch,
                     "loss": sum(window) / len(window),
+                    **({"loss_is": f"-({', '.join(notes)})"} if notes else {}),
                     "rate": sum(rates) / len(rates),
                     "terms": _mean_terms(sums, len(progress.window)),
                     "beta": objective.warmup.beta,

@@ -5,4 +5,4 @@ from .hqvae import HQVAE
 from .rbm import RBMVAE
 from .vqvae import VQVAE
 
-__all__ = ["HQVAE", "VQVAE", "DeepVAE", "RBMVAE"]
+__all__ = ["HQVAE", "RBMVAE", "VQVAE", "DeepVAE"]

@@ -1,4 +1,4 @@
-"""RBM-prior hybrid: binary latents under a restricted Boltzmann machine, a deep decoder, as a Pyro program.
+"""RBM-prior hybrid: binary latents under a restricted Boltzmann machine and a deep decoder.
 
 Hu, Salakhutdinov et al., "Learning Deep Generative Models With Discrete Latent Variables" (2018):
 an undirected graphical model (an RBM) over binary latents as the prior of a deep directed decoder,
@@ -27,6 +27,8 @@ Only the paper's abstract was at hand; the details below are this implementation
 
 from __future__ import annotations
 
+import itertools
+
 import pyro
 import torch
 from torch import Tensor, nn
@@ -44,7 +46,7 @@ STAGES = ("pretrain", "rbm", "joint")
 def mlp(sizes: list[int]) -> nn.Sequential:
     """Linear layers of ``sizes`` with ReLUs between them (none after the last)."""
     layers: list[nn.Module] = []
-    for i, (n_in, n_out) in enumerate(zip(sizes, sizes[1:], strict=False)):
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
         layers += [nn.Linear(n_in, n_out)] + ([nn.ReLU()] if i < len(sizes) - 2 else [])
     return nn.Sequential(*layers)
 
@@ -82,9 +84,7 @@ class RBMVAE(ImageModel):
         self.decoder = mlp([latent_units, hidden, hidden, pixels * self.likelihood.channels_per_input])
         self.h = CodeSite("h", BinaryUnits(), (latent_units,))
         self.factorial = nn.Parameter(torch.zeros(latent_units))
-        self.energy = RBMPrior(
-            latent_units, rbm_hidden, pcd_chains, gibbs_sweeps, ais_chains, ais_steps
-        )
+        self.energy = RBMPrior(latent_units, rbm_hidden, pcd_chains, gibbs_sweeps, ais_chains, ais_steps)
         self.stage = stage
         self.energy.active = stage != "pretrain"
         if stage == "rbm":

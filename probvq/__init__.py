@@ -11,8 +11,8 @@ from probvq.codes import CodeCategorical, CodePoint, Concrete, StraightThrough
 from probvq.factors import prior_factor, regulariser
 from probvq.hooks import after_step, before_evaluation, before_run, discard_step
 from probvq.priors import AutoregressivePrior, EnergyPrior
-from probvq.rbm import RBM, RBMPrior, ais
 from probvq.rates import rate
+from probvq.rbm import RBM, RBMPrior, ais
 from probvq.sites import DATA_PLATE, CodeGroup, CodeRequest, CodeSite, code
 from probvq.spaces import BinaryUnits, CodeSpace
 
@@ -20,6 +20,7 @@ __version__ = "0.2.0"
 
 __all__ = [
     "DATA_PLATE",
+    "RBM",
     "AutoregressivePrior",
     "BinaryUnits",
     "CodeCategorical",
@@ -31,7 +32,6 @@ __all__ = [
     "Codebook",
     "Concrete",
     "EnergyPrior",
-    "RBM",
     "RBMPrior",
     "StraightThrough",
     "after_step",

@@ -15,7 +15,7 @@ from probvq.config import RunConfig
 from probvq.data import Dataset, load, synthetic
 from probvq.inference import FAMILIES, FamilyStack, GuideFamily
 from probvq.likelihoods import LIKELIHOODS, likelihood_for, make_likelihood
-from probvq.models import HQVAE, VQVAE, DeepVAE, RBMVAE
+from probvq.models import HQVAE, RBMVAE, VQVAE, DeepVAE
 from probvq.models.hqvae import parse_layers
 from probvq.models.rbm import STAGES
 from probvq.models.vqvae import PRIORS

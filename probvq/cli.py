@@ -280,7 +280,9 @@ def _train_stages(run: RunDir, config: RunConfig, dataset: Dataset, quiet: bool)
                 built[0].start_stage()
             _fit(stage, stage_config, dataset, built, state, quiet)
         previous = path / "final.pt"
-        finished.append({"stage": stage_config.stages, **json.loads((path / "summary.json").read_text())})
+        finished.append(
+            {"stage": stage_config.stages, **json.loads((path / "summary.json").read_text())}
+        )
     write_json(run.path / "summary.json", {"run_dir": str(run.path), "stages": finished})
     return 0
 
@@ -392,7 +394,9 @@ def _load_run(args: argparse.Namespace, fitted_prior: bool = True) -> _Loaded:
     config = RunConfig.from_dict(run.config(), source=f"{run.path}/config.json")
     if _staged(config) and len(stage_plan(config)) > 1:
         # A staged run: its newest stage that holds the checkpoint asked for.
-        found = [path for _, path in _stage_dirs(run, config) if (path / f"{args.checkpoint}.pt").exists()]
+        found = [
+            path for _, path in _stage_dirs(run, config) if (path / f"{args.checkpoint}.pt").exists()
+        ]
         if not found:
             raise FileNotFoundError(f"run_dir: no stage of {run.path} holds a {args.checkpoint}.pt yet")
         run = RunDir.open(found[-1])

@@ -109,7 +109,7 @@ class RBM(nn.Module):
 
     @torch.no_grad()
     def gibbs(self, h: Tensor, sweeps: int = 1, generator: torch.Generator | None = None) -> Tensor:
-        """``sweeps`` block Gibbs sweeps ``u ~ p(u | h)``, ``h ~ p(h | u)`` from states ``h (..., D)``."""
+        """``sweeps`` block Gibbs sweeps, ``u ~ p(u | h)`` then ``h ~ p(h | u)``, from ``h (..., D)``."""
         for _ in range(sweeps):
             u = _bernoulli(torch.sigmoid(self.hidden_bias + h @ self.weight), generator)
             h = _bernoulli(torch.sigmoid(self.visible_bias + u @ self.weight.T), generator)
@@ -306,7 +306,9 @@ class RBMPrior(nn.Module):
                             ("ais_steps", ais_steps), ("sample_sweeps", sample_sweeps)):  # fmt: skip
             _positive(name, value)
         if not (isinstance(reverse_burn_in, int) and reverse_burn_in >= 0):
-            raise ValueError(f"reverse_burn_in: expected a non-negative integer, got {reverse_burn_in!r}")
+            raise ValueError(
+                f"reverse_burn_in: expected a non-negative integer, got {reverse_burn_in!r}"
+            )
         self.rbm = RBM(units, hidden)
         self.sweeps, self.ais_chains, self.ais_steps = sweeps, ais_chains, ais_steps
         self.reverse_burn_in, self.sample_sweeps = reverse_burn_in, sample_sweeps

@@ -7,6 +7,7 @@ import signal
 
 import pytest
 import torch
+from test_resume import assert_bitwise_equal
 from torch import nn
 
 from probvq.cli import main
@@ -15,8 +16,6 @@ from probvq.inference.training import train
 from probvq.likelihoods import make_likelihood
 from probvq.models import RBMVAE
 from probvq.rbm import RBM, RBMPrior, ais, binary_states, temperatures
-
-from test_resume import assert_bitwise_equal
 
 
 def random_rbm(units, hidden, scale=1.0, seed=0):

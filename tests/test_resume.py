@@ -66,7 +66,9 @@ def _same(a, b):
     """Bitwise equal, NaN matching NaN (e.g. a normaliser never estimated)."""
     if torch.equal(a, b):
         return True
-    return a.is_floating_point() and a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
+    return (
+        a.is_floating_point() and a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
+    )
 
 
 def assert_bitwise_equal(a, b):

@@ -239,6 +239,11 @@ def _staged(config: RunConfig) -> bool:
     return hasattr(MODELS[config.model], "start_stage")
 
 
+def _multistage(config: RunConfig) -> bool:
+    """A run of several stages, each in a directory of its own (one stage is an ordinary run)."""
+    return _staged(config) and len(stage_plan(config)) > 1
+
+
 def _stage_dirs(run: RunDir, config: RunConfig) -> list[tuple[RunConfig, Path]]:
     """Each stage's config (the plan's, with that stage alone and its epochs) and directory."""
     return [
@@ -301,12 +306,14 @@ def train_command(args: argparse.Namespace) -> int:
     distributed.barrier()
     run = RunDir.create(out, config.to_dict()) if distributed.is_main() else None
     try:
-        if run is not None and _staged(config):
+        if run is not None and _multistage(config):
             return _train_stages(run, config, dataset, config.quiet)
+        if _staged(config):
+            built[0].start_stage()
         return _fit(run, config, dataset, built, None, config.quiet)
     except (DivergenceError, OSError, ValueError):
         # A run that never reached a checkpoint holds nothing to resume: leave no directory.
-        if run is not None and not run.checkpoint("last").exists() and not _staged(config):
+        if run is not None and not run.checkpoint("last").exists() and not _multistage(config):
             run.discard()
         raise
 
@@ -325,7 +332,7 @@ def resume_command(args: argparse.Namespace) -> int:
     config = RunConfig.from_dict(run.config(), source=f"{run.path}/config.json")
     config = _join_process_group(resolve_family(config))
     _check_device(config.device)
-    if _staged(config) and len(stage_plan(config)) > 1:
+    if _multistage(config):
         if all((path / "final.pt").exists() for _, path in _stage_dirs(run, config)):
             raise ValueError(f"--resume: {run.path} already finished every stage")
         return _train_stages(run, config, load_data(config), args.quiet or config.quiet)
@@ -392,7 +399,7 @@ def _load_run(args: argparse.Namespace, fitted_prior: bool = True) -> _Loaded:
     ``--prior pixelcnn`` the model runs under its fitted second-stage prior."""
     run = RunDir.open(args.run_dir)
     config = RunConfig.from_dict(run.config(), source=f"{run.path}/config.json")
-    if _staged(config) and len(stage_plan(config)) > 1:
+    if _multistage(config):
         # A staged run: its newest stage that holds the checkpoint asked for.
         found = [
             path for _, path in _stage_dirs(run, config) if (path / f"{args.checkpoint}.pt").exists()
@@ -409,6 +416,10 @@ def _load_run(args: argparse.Namespace, fitted_prior: bool = True) -> _Loaded:
     run.check_owns(state, path)
     if args.data is not None:
         config = replace(config, data=args.data)
+    for name in ("ais_chains", "ais_steps"):
+        if getattr(args, name, None) is not None:
+            config = replace(config, **{name: getattr(args, name)})
+    resolve_family(config)  # refuses settings the run's model does not take
     dataset = load_data(config)
     if list(dataset.image_shape) != state["image_shape"]:
         raise ValueError(
@@ -657,6 +668,8 @@ def _add_run_flags(parser: argparse.ArgumentParser, batch_size: int) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", help="cpu or cuda (default: the run's)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    for name in ("ais_chains", "ais_steps"):
+        parser.add_argument(_flag(name), type=int, help=f"{HELP[name]} (default: the run's)")
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -328,6 +328,21 @@ def test_bad_rbm_settings_are_refused_before_any_work(tmp_path, capsys, flags, m
     assert not out.exists()
 
 
+def test_a_single_stage_is_an_ordinary_run_and_evaluation_takes_ais_settings(tmp_path, capsys):
+    out = tmp_path / "factorial"
+    assert main(["train", *SYNTH, "--stages", "pretrain", "--max-steps", "3", "--out", str(out)]) == 0
+    assert (out / "final.pt").exists() and not (out / "pretrain").exists()
+    run = tmp_path / "joint"
+    assert main(["train", *SYNTH, "--max-steps", "3", "--out", str(run)]) == 0  # default: joint
+    capsys.readouterr()
+    flags = ["--limit", "8", "--quiet", "--no-collapse", "--ais-chains", "7", "--ais-steps", "30"]
+    assert main(["evaluate", str(run), *flags]) == 0
+    forward = json.loads(capsys.readouterr().out)["log_normalisers"]["energy"]["forward"]
+    assert forward["chains"] == 7
+    assert main(["evaluate", str(out), *flags]) == 0  # no RBM in use: nothing to normalise
+    assert "log_normalisers" not in json.loads(capsys.readouterr().out)
+
+
 def test_other_models_refuse_rbm_settings(tmp_path, capsys):
     assert main(["train", "--model", "vqvae", "--stages", "pretrain", "--out", str(tmp_path / "r")]) == 2
     assert "stages: a setting of the 'rbm' model" in capsys.readouterr().err

@@ -12,9 +12,11 @@ the prior's and each site's own KL). As in NVIL, a site may also carry :class:`R
 statistics: the signal is then centred by its running mean before the learned baseline fits what
 is left, and divided by ``max(1, running std)`` (which rescales that step's gradient by a positive
 constant: the direction stays unbiased, the magnitude does not; ``normalise=False`` keeps it
-exactly unbiased). The learning signal ``c`` of a site is the example's whole
-cost (distortion and every rate, as scaled in the loss) minus that site's own rate, which is a
-function of q's parameters, not of the sample. A site carries its baseline the way Pyro's
+exactly unbiased). The learning signal ``c`` of a site is the example's whole cost (distortion
+and every rate, as scaled in the loss), less that site's own rate where that rate is a function of
+q's parameters alone (the analytic KL against a prior given as logits). Against an autoregressive
+or energy prior the rate depends on the sample (through the context, or ``F(z)``) and stays in the
+signal: leaving it out would bias the gradient. A site carries its baseline the way Pyro's
 ``TraceGraph_ELBO`` reads it: ``infer={"baseline": {"baseline_value": b}}`` with ``b`` shaped like
 the batch. Both surrogates are reported as regularisers ``<site>.score`` and ``<site>.baseline``.
 """
@@ -25,8 +27,17 @@ import torch
 from pyro.poutine import Trace
 from torch import Tensor, nn
 
+from probvq.codes import CodeCategorical
+from probvq.rates import unwrap
+
 from .elbo import CodeELBO, surrogate_terms
 from .terms import per_example, site_terms
+
+
+def _analytic(model_trace: Trace, name: str) -> bool:
+    """Whether latent ``name``'s rate is independent of its sample: a prior given as logits."""
+    node = model_trace.nodes.get(name)
+    return node is not None and isinstance(unwrap(node["fn"])[0], CodeCategorical)
 
 
 class RunningSignal(nn.Module):
@@ -75,7 +86,7 @@ class ScoreELBO(CodeELBO):
                 continue
             value = per_example(term.scaled(), term.node)
             cost = cost + value
-            if term.kind == "rate":
+            if term.kind == "rate" and _analytic(model_trace, term.name):
                 own[term.name] = own.get(term.name, 0.0) + value
         for name, site in guide_trace.nodes.items():
             if site["type"] != "sample" or "baseline" not in site["infer"]:

@@ -358,8 +358,9 @@ class RBMPrior(nn.Module):
         (``None`` while the prior is not in use)."""
         if not self.active:
             return None
-        key = (tuple(p._version for p in self.rbm.parameters()), self.ais_chains, self.ais_steps,
-               seed, self.chains._version, self.exact_limit)  # fmt: skip
+        state = [self.chains, *self.rbm.parameters()]
+        key = (tuple((id(t), t._version) for t in state), self.ais_chains, self.ais_steps, seed,
+               self.exact_limit)  # fmt: skip
         if key == self._evaluated:
             return self._report
         if min(self.rbm.units, self.rbm.hidden) <= self.exact_limit:

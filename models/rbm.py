@@ -27,28 +27,19 @@ Only the paper's abstract was at hand; the details below are this implementation
 
 from __future__ import annotations
 
-import itertools
-
 import pyro
 import torch
 from torch import Tensor, nn
 
 from probvq.imagemodel import ImageModel
 from probvq.likelihoods import Likelihood
+from probvq.nets import mlp
 from probvq.priors import Prior
 from probvq.rbm import RBMPrior
 from probvq.sites import DATA_PLATE, CodeSite, code
 from probvq.spaces import BinaryUnits
 
 STAGES = ("pretrain", "rbm", "joint")
-
-
-def mlp(sizes: list[int]) -> nn.Sequential:
-    """Linear layers of ``sizes`` with ReLUs between them (none after the last)."""
-    layers: list[nn.Module] = []
-    for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
-        layers += [nn.Linear(n_in, n_out)] + ([nn.ReLU()] if i < len(sizes) - 2 else [])
-    return nn.Sequential(*layers)
 
 
 class RBMVAE(ImageModel):

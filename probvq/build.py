@@ -28,11 +28,16 @@ SETTINGS = {
     "deep": (*GRID, "num_layers", "levels"),
     "hqvae": (*GRID, "prior", "layers", "shared_codebook"),
     "rbm": ("hidden", "latent_units", "rbm_hidden", "pcd_chains", "gibbs_sweeps", "ais_chains",
-            "ais_steps"),
+            "ais_steps", "stages", "stage_epochs"),
 }  # fmt: skip
 """The settings each model takes; a setting of another model must keep its default."""
-STAGED = ("stages", "stage_epochs")
-"""Settings of models trained in stages (those with ``start_stage``)."""
+PLAN = ("stages", "stage_epochs")
+"""Settings of a staged model that plan its run (:func:`stage_plan`) rather than build it."""
+
+
+def staged(config: RunConfig) -> bool:
+    """Whether ``config``'s model trains in stages (it takes ``stages`` and has ``start_stage``)."""
+    return "stages" in SETTINGS[config.model]
 
 
 def check_names(config: RunConfig) -> None:
@@ -48,18 +53,16 @@ def check_names(config: RunConfig) -> None:
         if getattr(config, name) not in allowed:
             raise ValueError(f"{name}: expected one of {allowed}, got {getattr(config, name)!r}")
     defaults = RunConfig()
-    staged = [name for name, cls in MODELS.items() if hasattr(cls, "start_stage")]
-    for model, own in (*SETTINGS.items(), *((m, STAGED) for m in staged)):
+    for model, own in SETTINGS.items():
         for name in own:
-            takes = name in SETTINGS[config.model] or (name in STAGED and config.model in staged)
-            if not takes and getattr(config, name) != getattr(defaults, name):
+            if name not in SETTINGS[config.model] and getattr(config, name) != getattr(defaults, name):
                 raise ValueError(
                     f"{name}: a setting of the {model!r} model, not of {config.model!r} "
                     f"(leave it at {getattr(defaults, name)!r})"
                 )
     if config.model == "hqvae":
         parse_layers(config.layers)
-    if config.model in staged:
+    if staged(config):
         stage_plan(config)
 
 
@@ -127,8 +130,8 @@ def build_model(config: RunConfig, dataset: Dataset) -> nn.Module:
     likelihood = make_likelihood(config.likelihood, dataset.kind, channels)
     likelihood.check(dataset.train, "data (train)")
     likelihood.check(dataset.valid, "data (valid)")
-    settings = {name: getattr(config, name) for name in SETTINGS[config.model]}
-    if hasattr(MODELS[config.model], "start_stage"):
+    settings = {name: getattr(config, name) for name in SETTINGS[config.model] if name not in PLAN}
+    if staged(config):
         settings["stage"] = stage_plan(config)[-1][0]
     return MODELS[config.model](dataset.image_shape, likelihood, **settings)
 

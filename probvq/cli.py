@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from probvq import distributed
-from probvq.build import MODELS, build, load_data, resolve, resolve_family, stage_plan
+from probvq.build import build, load_data, resolve, resolve_family, stage_plan, staged
 from probvq.config import RunConfig, read_config_file
 from probvq.data import Dataset
 from probvq.inference import FAMILIES, RunDir, diagnose, evaluate, fit, load_checkpoint
@@ -235,13 +235,26 @@ def _fit(
     return 0
 
 
-def _staged(config: RunConfig) -> bool:
-    return hasattr(MODELS[config.model], "start_stage")
-
-
 def _multistage(config: RunConfig) -> bool:
     """A run of several stages, each in a directory of its own (one stage is an ordinary run)."""
-    return _staged(config) and len(stage_plan(config)) > 1
+    return staged(config) and len(stage_plan(config)) > 1
+
+
+def _latest(run: RunDir) -> dict | None:
+    """The newest good checkpoint of ``run`` (``None`` before its first), warning of bad ones."""
+    state, problems = run.latest()
+    for problem in problems:
+        _warn(f"{problem}; resuming from the checkpoint before it")
+    return state
+
+
+def _cut_back(run: RunDir, state: dict | None) -> None:
+    """Before resuming from ``state``: remove stale temporaries and cut the logs back to it."""
+    if distributed.is_main():
+        run.clear_temporaries()
+        progress = state["progress"] if state is not None else {"history": [], "faults": []}
+        run.rewrite_log(progress["history"])
+        run.rewrite_log(progress["faults"], "faults")
 
 
 def _stage_dirs(run: RunDir, config: RunConfig) -> list[tuple[RunConfig, Path]]:
@@ -270,13 +283,8 @@ def _train_stages(run: RunDir, config: RunConfig, dataset: Dataset, quiet: bool)
             state = None
             if path.exists():
                 stage = RunDir.open(path)
-                state, problems = stage.latest()
-                for problem in problems:
-                    _warn(f"{problem}; resuming from the checkpoint before it")
-                stage.clear_temporaries()
-                progress = state["progress"] if state is not None else {"history": [], "faults": []}
-                stage.rewrite_log(progress["history"])
-                stage.rewrite_log(progress["faults"], "faults")
+                state = _latest(stage)
+                _cut_back(stage, state)
             else:
                 stage = RunDir.create(path, stage_config.to_dict())
             if state is None:
@@ -308,7 +316,7 @@ def train_command(args: argparse.Namespace) -> int:
     try:
         if run is not None and _multistage(config):
             return _train_stages(run, config, dataset, config.quiet)
-        if _staged(config):
+        if staged(config):
             built[0].start_stage()
         return _fit(run, config, dataset, built, None, config.quiet)
     except (DivergenceError, OSError, ValueError):
@@ -336,9 +344,7 @@ def resume_command(args: argparse.Namespace) -> int:
         if all((path / "final.pt").exists() for _, path in _stage_dirs(run, config)):
             raise ValueError(f"--resume: {run.path} already finished every stage")
         return _train_stages(run, config, load_data(config), args.quiet or config.quiet)
-    state, problems = run.latest()
-    for problem in problems:
-        _warn(f"{problem}; resuming from the checkpoint before it")
+    state = _latest(run)
     if state is not None and state["step"] >= state["total_steps"]:
         raise ValueError(f"--resume: {run.path} already finished its {state['total_steps']} steps")
     dataset = load_data(config)
@@ -348,11 +354,7 @@ def resume_command(args: argparse.Namespace) -> int:
             f"the run was trained on {tuple(state['image_shape'])}"
         )
     built = _seeded_build(config, dataset)
-    if distributed.is_main():
-        run.clear_temporaries()
-        progress = state["progress"] if state is not None else {"history": [], "faults": []}
-        run.rewrite_log(progress["history"])
-        run.rewrite_log(progress["faults"], "faults")
+    _cut_back(run, state)
     distributed.barrier()
     writer = run if distributed.is_main() else None
     return _fit(writer, config, dataset, built, state, args.quiet or config.quiet)

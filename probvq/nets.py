@@ -1,4 +1,5 @@
-"""Convolutional encoder and decoder builders (the VQ-VAE architecture of van den Oord et al. 2017).
+"""Network builders: the conv encoder and decoder (the VQ-VAE architecture of van den Oord et al.
+2017), and a plain MLP.
 
 The encoder halves the resolution with stride-2 4x4 convolutions until it reaches the latent grid,
 then applies residual blocks (ReLU, 3x3, ReLU, 1x1) and a 1x1 projection to the code dimension.
@@ -8,6 +9,7 @@ side is a power of two, e.g. 28 -> 14 or 7, 32 -> 16, 8 or 4.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 from torch import Tensor, nn
@@ -93,3 +95,11 @@ class BottomUp(nn.Module):
         for down in self.down:
             features.append(down(features[-1]))
         return features[::-1]
+
+
+def mlp(sizes: list[int]) -> nn.Sequential:
+    """Linear layers of ``sizes`` with ReLUs between them (none after the last)."""
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
+        layers += [nn.Linear(n_in, n_out)] + ([nn.ReLU()] if i < len(sizes) - 2 else [])
+    return nn.Sequential(*layers)

@@ -50,10 +50,6 @@ def _positive(name: str, value: int) -> None:
         raise ValueError(f"{name}: expected a positive integer, got {value!r}")
 
 
-def _bernoulli(probs: Tensor, generator: torch.Generator | None) -> Tensor:
-    return torch.bernoulli(probs, generator=generator)
-
-
 def binary_states(n: int, start: int = 0, stop: int | None = None, like: Tensor | None = None) -> Tensor:
     """Rows ``start .. stop - 1`` of the ``2^n`` binary states of ``n`` units (row i is i in binary,
     most significant unit first)."""
@@ -111,8 +107,10 @@ class RBM(nn.Module):
     def gibbs(self, h: Tensor, sweeps: int = 1, generator: torch.Generator | None = None) -> Tensor:
         """``sweeps`` block Gibbs sweeps, ``u ~ p(u | h)`` then ``h ~ p(h | u)``, from ``h (..., D)``."""
         for _ in range(sweeps):
-            u = _bernoulli(torch.sigmoid(self.hidden_bias + h @ self.weight), generator)
-            h = _bernoulli(torch.sigmoid(self.visible_bias + u @ self.weight.T), generator)
+            u_probs = torch.sigmoid(self.hidden_bias + h @ self.weight)
+            u = torch.bernoulli(u_probs, generator=generator)
+            h_probs = torch.sigmoid(self.visible_bias + u @ self.weight.T)
+            h = torch.bernoulli(h_probs, generator=generator)
         return h
 
     def parameters64(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -246,7 +244,7 @@ def ais(
         raise ValueError(f"base_logits: expected {tuple(b.shape)} finite logits, got {tuple(a.shape)}")
     betas = temperatures(steps, schedule).tolist()
     if reverse_from is None:
-        h = _bernoulli(torch.sigmoid(a).expand(chains, -1).contiguous(), generator)
+        h = torch.bernoulli(torch.sigmoid(a).expand(chains, -1).contiguous(), generator=generator)
     else:
         if reverse_from.dim() != 2 or reverse_from.shape[1] != rbm.units:
             raise ValueError(
@@ -262,8 +260,9 @@ def ais(
         log_w += (beta - previous) * (h.double() @ slope)
         log_w += (F.softplus(beta * x64) - F.softplus(previous * x64)).sum(-1)
         if k < len(betas) - 1:  # a sweep that leaves f_beta invariant
-            u = _bernoulli(torch.sigmoid(beta * x), generator)
-            h = _bernoulli(torch.sigmoid((1 - beta) * a + beta * (b + u @ weight.T)), generator)
+            u = torch.bernoulli(torch.sigmoid(beta * x), generator=generator)
+            h_probs = torch.sigmoid((1 - beta) * a + beta * (b + u @ weight.T))
+            h = torch.bernoulli(h_probs, generator=generator)
             x = c + h @ weight
     log_z_base = float(F.softplus(a.double()).sum()) + rbm.hidden * math.log(2)
     return AISEstimate(log_w.cpu(), log_z_base, reverse_from is not None)
@@ -332,10 +331,11 @@ class RBMPrior(nn.Module):
         self.chains.copy_(torch.bernoulli(probs.detach().to(self.chains).expand_as(self.chains)))
 
     def log_normaliser(self) -> Tensor:
-        """``log Z`` as the program uses it (class docstring)."""
+        """``log Z`` as the program uses it (class docstring); evaluation reads no chains."""
+        if not self.training:
+            return self.log_z
         s = -self.rbm.free_energy(self.chains).mean()
-        surrogate = s - s.detach()
-        return surrogate if self.training else surrogate + self.log_z
+        return s - s.detach()
 
     @torch.no_grad()
     def sample(self, shape: torch.Size) -> Tensor:

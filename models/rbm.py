@@ -40,6 +40,8 @@ from probvq.sites import DATA_PLATE, CodeSite, code
 from probvq.spaces import BinaryUnits
 
 STAGES = ("pretrain", "rbm", "joint")
+ENERGY_STAGES = ("rbm", "joint")
+"""The stages whose prior is the RBM's energy (``pretrain``'s is factorial logits)."""
 
 
 class RBMVAE(ImageModel):
@@ -77,7 +79,7 @@ class RBMVAE(ImageModel):
         self.factorial = nn.Parameter(torch.zeros(latent_units))
         self.energy = RBMPrior(latent_units, rbm_hidden, pcd_chains, gibbs_sweeps, ais_chains, ais_steps)
         self.stage = stage
-        self.energy.active = stage != "pretrain"
+        self.energy.active = stage in ENERGY_STAGES
         if stage == "rbm":
             for net in (self.encoder, self.decoder):
                 net.requires_grad_(False)

@@ -17,7 +17,7 @@ from probvq.inference import FAMILIES, FamilyStack, GuideFamily
 from probvq.likelihoods import LIKELIHOODS, likelihood_for, make_likelihood
 from probvq.models import HQVAE, RBMVAE, VQVAE, DeepVAE
 from probvq.models.hqvae import parse_layers
-from probvq.models.rbm import STAGES
+from probvq.models.rbm import ENERGY_STAGES, STAGES
 from probvq.models.vqvae import PRIORS
 from probvq.sites import CodeGroup
 
@@ -60,10 +60,22 @@ def check_names(config: RunConfig) -> None:
                     f"{name}: a setting of the {model!r} model, not of {config.model!r} "
                     f"(leave it at {getattr(defaults, name)!r})"
                 )
+    if config.free_bits:
+        named = [config.family, *(n.strip() for n in (config.site_families or "").split(","))]
+        for name in dict.fromkeys(n for n in named if n in FAMILIES):
+            refused = FAMILIES[name].cls.elbo_class.free_bits_refused
+            if refused:
+                raise ValueError(f"free_bits: the {name!r} family's objective {refused}")
     if config.model == "hqvae":
         parse_layers(config.layers)
     if staged(config):
-        stage_plan(config)
+        energy = [stage for stage, _ in stage_plan(config) if stage in ENERGY_STAGES]
+        if config.free_bits and energy:
+            raise ValueError(
+                f"free_bits: the {config.model!r} model's stage(s) {', '.join(energy)} have an "
+                "energy prior, whose log Z is known in training only through its gradient, so a "
+                "floor on the rate would zero the prior's gradient; leave free_bits at 0 there"
+            )
 
 
 def stage_plan(config: RunConfig) -> list[tuple[str, int]]:

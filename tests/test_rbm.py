@@ -272,7 +272,7 @@ def test_score_gradients_under_the_rbm_prior_are_unbiased(analytic_only, monkeyp
     if not analytic_only:
         monkeypatch.setattr(score, "_analytic", lambda trace, name: True)
     vae = tiny_hybrid(units=3, hidden=2)
-    fam = FAMILIES["score"].build(vae.code_sites, {"normalise": False})
+    fam = FAMILIES["score"].build(vae.code_sites)
     torch.manual_seed(0)
     x = torch.bernoulli(torch.full((3, 1, 2, 2), 0.5))
     h = binary_states(3)
@@ -401,3 +401,31 @@ def test_rbm_prior_samples_and_moves_its_chains_only_when_active():
     assert not torch.equal(prior.chains, before) and prior.loss_note == "ELBO up to log Z"
     assert prior.sample(torch.Size([7, 2])).shape == (7, 2, 5)
     assert isinstance(prior, nn.Module) and "chains" in prior.state_dict()
+
+
+def test_free_bits_under_the_rbm_prior_are_refused_by_name_not_applied_silently():
+    """The floor would compare itself with KL - log Z (the training log Z has value 0) and zero
+    the RBM's gradient; the bound refuses it, the CLI before any work, a factorial stage keeps it."""
+    from probvq.inference import FAMILIES
+
+    vae = tiny_hybrid(stage="rbm")
+    fam = FAMILIES["bernoulli"].build(vae.code_sites)
+    programs = fam.wrap(vae.model, pyro_params=False), fam.wrap(vae.guide, pyro_params=False)
+    x = torch.bernoulli(torch.full((8, 1, 2, 2), 0.5))
+    with pytest.raises(ValueError, match="free_bits: site 'h' has an energy prior"):
+        fam.elbo(free_bits=0.5).differentiable_loss(*programs, x)
+    loss = fam.elbo().differentiable_loss(*programs, x)
+    assert torch.autograd.grad(loss, vae.energy.rbm.weight)[0].abs().sum() > 0
+    pretrain = tiny_hybrid(stage="pretrain")
+    fam = FAMILIES["bernoulli"].build(pretrain.code_sites)
+    programs = fam.wrap(pretrain.model, pyro_params=False), fam.wrap(pretrain.guide, pyro_params=False)
+    assert torch.isfinite(fam.elbo(free_bits=0.5).differentiable_loss(*programs, x))
+
+
+@pytest.mark.parametrize("stages", ["pretrain,rbm", "joint"])
+def test_the_cli_refuses_free_bits_on_energy_stages_before_any_work(tmp_path, capsys, stages):
+    out = tmp_path / "run"
+    flags = ["--stages", stages, "--free-bits", "0.5", "--out", str(out)]
+    assert main(["train", *SYNTH, *flags]) == 2
+    assert "free_bits: the 'rbm' model's stage(s)" in capsys.readouterr().err
+    assert not out.exists()

@@ -36,8 +36,11 @@ class EnumELBO(ELBO):
     ``KL(p(z | x) || p(z))`` (one joint term named after the sites), as the engine logs them.
     """
 
-    def __init__(self, sites: Sequence[CodeSite], limit: int, **kwargs) -> None:
-        kwargs.pop("free_bits", None)  # no rate is pushed anywhere: the objective is log p(x)
+    free_bits_refused = "has no rate to floor: its objective is -log p(x) itself"
+
+    def __init__(self, sites: Sequence[CodeSite], limit: int, free_bits: float = 0.0, **kwargs) -> None:
+        if free_bits:
+            raise ValueError(f"free_bits: refused by EnumELBO, which {self.free_bits_refused}")
         super().__init__(**kwargs)
         self.sites, self.limit = list(sites), limit
 
@@ -82,6 +85,7 @@ class Enum(GuideFamily):
     """
 
     name = "enum"
+    elbo_class = EnumELBO
     space_type = CodeSpace
     sums_out_codes = True
 

@@ -12,8 +12,8 @@ encoder logit per unit, and the programs read the *exact* code ``e_{z_n}`` (the 
 and ``s^2`` get the rest through the score function, ``(c - b(x)) grad log q(z | x)``, with a
 learned baseline per site, ``b(x) = w . mean_n zhat_n + b_0`` on the (detached) features (on the
 logits themselves for binary units), fitted by regression on the learning signal ``c`` centred by
-its running mean and (``normalise``) scaled by its running standard deviation
-(:class:`~..objectives.score.ScoreELBO`). Unbiased, and noisier than a reparameterised gradient:
+its running mean (:class:`~..objectives.score.ScoreELBO`, which says why NVIL's division by the
+running standard deviation is left out: it would bias the step's direction). Unbiased, and noisier than a reparameterised gradient:
 ``benchmarks/gradient_variance.py`` measures by how much.
 """
 
@@ -41,15 +41,12 @@ from .registry import Setting, register_family
     "exact codes, score function gradients with learned baselines (NVIL)",
     codebook_init="kmeans",
     init_var=Setting("initial quantisation variance s^2"),
-    normalise=Setting("divide the learning signal by its running standard deviation (NVIL)"),
 )
 class Score(GuideFamily):
     """Exact samples with NVIL gradients (see the module).
 
     Args:
-        sites: the model's code sites. init_var: initial ``s^2``.
-        normalise: NVIL's variance normalisation of the learning signal (see
-            :class:`~..objectives.score.ScoreELBO`). claims: sites it answers.
+        sites: the model's code sites. init_var: initial ``s^2``. claims: sites it answers.
     """
 
     name = "score"
@@ -60,7 +57,6 @@ class Score(GuideFamily):
         self,
         sites: Sequence[CodeSite],
         init_var: float = 1.0,
-        normalise: bool = True,
         claims: Iterable[str] | None = None,
     ) -> None:
         super().__init__(sites, claims)
@@ -77,7 +73,6 @@ class Score(GuideFamily):
             }
         )
         self.running = nn.ModuleDict({name: RunningSignal() for name in self.sites})
-        self.normalise = bool(normalise)
 
     def check_site(self, site: CodeSite) -> None:
         if not isinstance(site.space, Codebook | BinaryUnits):
@@ -93,9 +88,6 @@ class Score(GuideFamily):
     def _pooled_shape(site: CodeSite) -> tuple[int, ...]:
         """What the baseline reads: the unit logits, or the features pooled over positions."""
         return tuple(site.grid) if isinstance(site.space, BinaryUnits) else tuple(site.space.value_shape)
-
-    def elbo(self, **kwargs) -> ScoreELBO:
-        return ScoreELBO(normalise=self.normalise, **kwargs)
 
     def draw(self, request: CodeRequest, depth: int, residual: Tensor) -> Tensor:
         site = request.sites[depth]

@@ -29,6 +29,9 @@ from pyro.infer.util import is_validation_enabled
 from pyro.poutine import Trace
 from pyro.util import check_site_shape
 
+from probvq.priors import EnergyCodes
+from probvq.rates import unwrap
+
 from .terms import KINDS, Term, per_example, run_traces, site_terms
 
 
@@ -44,12 +47,18 @@ def surrogate_terms(
     2016): a latent whose average rate is below the floor costs a constant, so the objective no
     longer pushes it towards its prior. ``terms`` are the traces' :func:`~.terms.site_terms` when
     the caller has them already (each rate is computed once).
+
+    A latent under an energy prior is refused with a floor: in training its ``log Z`` is a
+    surrogate with value 0 (:class:`~probvq.priors.EnergyPrior`), so the floor would compare
+    itself with ``KL - log Z`` rather than the KL, and once that falls below it the rate, and
+    with it every gradient of the prior, would become a constant without a word.
     """
     parts: dict[str, dict[str, torch.Tensor]] = {kind: {} for kind in KINDS}
     floored: dict[str, tuple[torch.Tensor, object]] = {}
     for term in site_terms(model_trace, guide_trace) if terms is None else terms:
         found = parts[term.kind]
         if free_bits and term.kind == "rate":
+            check_floorable(model_trace, term.name)
             masked = replace(term, node={**term.node, "scale": 1.0})
             examples = per_example(masked.scaled(), term.node)
             if term.name in floored:
@@ -66,6 +75,18 @@ def surrogate_terms(
     return parts
 
 
+def check_floorable(model_trace: Trace, name: str) -> None:
+    """Refuse a free-bits floor on latent ``name`` when its prior is an energy (see
+    :func:`surrogate_terms`)."""
+    node = model_trace.nodes.get(name)
+    if node is not None and isinstance(unwrap(node["fn"])[0], EnergyCodes):
+        raise ValueError(
+            f"free_bits: site {name!r} has an energy prior, whose log Z is known in training only "
+            "through its gradient, so a floor on its rate would compare against KL - log Z and "
+            "zero the prior's gradient; train it without free_bits"
+        )
+
+
 def _same_scale(a: object, b: object) -> bool:
     return bool(torch.equal(torch.as_tensor(a), torch.as_tensor(b)))
 
@@ -79,9 +100,14 @@ class CodeELBO(ELBO):
         Others as :class:`pyro.infer.ELBO`.
     """
 
+    free_bits_refused: str | None = None
+    """Why this objective takes no free-bits floor (``None``: it takes one)."""
+
     def __init__(self, *args, free_bits: float = 0.0, **kwargs) -> None:
         if not (math.isfinite(free_bits) and free_bits >= 0):
             raise ValueError(f"free_bits: expected a non-negative number of nats, got {free_bits!r}")
+        if free_bits and self.free_bits_refused:
+            raise ValueError(f"free_bits: refused by {type(self).__name__}, which {self.free_bits_refused}")
         super().__init__(*args, **kwargs)
         self.free_bits = float(free_bits)
 

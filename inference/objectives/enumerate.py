@@ -13,8 +13,15 @@ With the exact posterior ``w_c = p(z = c | x)`` the bound is tight and splits in
     distortion = sum_c w_c (-log p(x | z = c))
     rate       = KL(p(z | x) || p(z)) = sum_c w_c log(w_c / p(z = c))
 
-whose sum is ``-log p(x)``; its gradient is exactly ``-grad log p(x)`` (the weights' own gradient
-multiplies a constant and vanishes).
+whose sum is ``-log p(x)``. For training both are written with the weights held constant and
+``log w_c = log p(x, z = c) - log p(x)`` from the log-sum-exp (never ``log`` of an underflowed
+weight)::
+
+    distortion = sum_c sg(w_c) (-log p(x | z = c))
+    rate       = sum_c sg(w_c) (log p(x | z = c) - log p(x))
+
+so their values are the two terms above, each finite when a weight underflows to 0, and the
+gradient of their sum is exactly ``-grad log p(x)`` (``sum_c w_c = 1`` cancels the rest).
 """
 
 from __future__ import annotations
@@ -78,12 +85,17 @@ class Enumerated:
     def posterior(self) -> Tensor:
         return torch.softmax(self.log_joint, 0)
 
+    def _expected(self, value: Tensor) -> Tensor:
+        """``sum_c sg(w_c) value_c``, with the configurations of weight 0 left out (their value may
+        be infinite)."""
+        w = self.posterior.detach()
+        return torch.where(w > 0, w * value, torch.zeros_like(value)).sum(0)
+
     def distortion(self) -> Tensor:
-        return -(self.posterior * self.log_likelihood).sum(0)
+        return self._expected(-self.log_likelihood)
 
     def rate(self) -> Tensor:
-        w = self.posterior
-        return (torch.special.xlogy(w, w) - w * self.log_prior).sum(0)
+        return self._expected(self.log_likelihood - self.log_marginal)
 
 
 def enumerate_model(model: Callable, sites: Sequence[CodeSite], x: Tensor, limit: int) -> Enumerated:

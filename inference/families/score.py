@@ -13,8 +13,8 @@ and ``s^2`` get the rest through the score function, ``(c - b(x)) grad log q(z |
 learned baseline per site, ``b(x) = w . mean_n zhat_n + b_0`` on the (detached) features (on the
 logits themselves for binary units), fitted by regression on the learning signal ``c`` centred by
 its running mean (:class:`~..objectives.score.ScoreELBO`, which says why NVIL's division by the
-running standard deviation is left out: it would bias the step's direction). Unbiased, and noisier than a reparameterised gradient:
-``benchmarks/gradient_variance.py`` measures by how much.
+running standard deviation is left out: it would bias the step's direction). Unbiased, and
+noisier than a reparameterised gradient: ``benchmarks/gradient_variance.py`` measures by how much.
 """
 
 from __future__ import annotations

@@ -107,7 +107,8 @@ class CodeELBO(ELBO):
         if not (math.isfinite(free_bits) and free_bits >= 0):
             raise ValueError(f"free_bits: expected a non-negative number of nats, got {free_bits!r}")
         if free_bits and self.free_bits_refused:
-            raise ValueError(f"free_bits: refused by {type(self).__name__}, which {self.free_bits_refused}")
+            refused = self.free_bits_refused
+            raise ValueError(f"free_bits: refused by {type(self).__name__}, which {refused}")
         super().__init__(*args, **kwargs)
         self.free_bits = float(free_bits)
 

@@ -14,13 +14,14 @@ step's z, so unbiased) before the learned baseline fits what is left. NVIL also 
 signal by its running standard deviation; here that would scale the score-function part of the
 encoder's gradient and not the pathwise part from the analytic KL, so the step would no longer
 point along the ELBO's gradient (measured: cosine -0.14 with the enumerated gradient at a running
-sd of 10), and it is not done. The learning signal ``c`` of a site is the example's whole cost (distortion
-and every rate, as scaled in the loss), less that site's own rate where that rate is a function of
-q's parameters alone (the analytic KL against a prior given as logits). Against an autoregressive
-or energy prior the rate depends on the sample (through the context, or ``F(z)``) and stays in the
-signal: leaving it out would bias the gradient. A site carries its baseline the way Pyro's
-``TraceGraph_ELBO`` reads it: ``infer={"baseline": {"baseline_value": b}}`` with ``b`` shaped like
-the batch. Both surrogates are reported as regularisers ``<site>.score`` and ``<site>.baseline``.
+sd of 10), and it is not done. The learning signal ``c`` of a site is the example's whole cost
+(distortion and every rate, as scaled in the loss), less that site's own rate where that rate is
+a function of q's parameters alone (the analytic KL against a prior given as logits). Against an
+autoregressive or energy prior the rate depends on the sample (through the context, or ``F(z)``)
+and stays in the signal: leaving it out would bias the gradient. A site carries its baseline the
+way Pyro's ``TraceGraph_ELBO`` reads it: ``infer={"baseline": {"baseline_value": b}}`` with ``b``
+shaped like the batch. Both surrogates are reported as regularisers ``<site>.score`` and
+``<site>.baseline``.
 """
 
 from __future__ import annotations

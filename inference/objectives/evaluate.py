@@ -38,6 +38,7 @@ from .terms import (
     code_indices,
     collapse_scores,
     elbo_terms,
+    integrated_out,
     observed_dims,
     reconstruction_error,
     run_traces,
@@ -124,6 +125,16 @@ class PointTerms:
     collapse: dict[str, Tensor] = field(default_factory=dict)
     normalisers: dict[str, dict] = field(default_factory=dict)
     """The ``before_evaluation`` reports of the model's modules (e.g. an RBM prior's ``log Z``)."""
+    integrated_out: tuple[str, ...] = ()
+    """Latents flagged :data:`~probvq.factors.INTEGRATES_OUT` (e.g. SQ's ``z.deq``): the ELBO pays
+    their rates, importance weights integrate them out."""
+
+    @property
+    def code_elbo(self) -> Tensor:
+        """The ELBO less the rates of :attr:`integrated_out` latents: ``E_q[log p(x, z) - log q(z |
+        x)]`` over the codes alone, the expectation of an importance log-weight (above the ELBO
+        by SQ's dequantisation term; equal to it for every other family)."""
+        return self.exact + sum((self.rate[name] for name in self.integrated_out), torch.zeros(()))
 
     def gap_by_site(self) -> dict[str, Tensor]:
         """``exact cost - surrogate cost`` of each distortion and rate site: the gap's parts.
@@ -162,7 +173,7 @@ def point_terms(
     usage: dict[str, Tensor] = {}
     costs: dict[str, list[Tensor]] = defaultdict(list)
     scores: dict[str, list[Tensor]] = defaultdict(list)
-    dims = 0
+    dims, integrated = 0, {}
     with evaluation(vae, family, seed) as device:
         normalisers = before_evaluation(seed, vae, family)
         for batch in _batches(x, batch_size, progress):
@@ -182,6 +193,7 @@ def point_terms(
                 for name, score in collapse_scores(model, model_trace, guide_trace, batch).items():
                     scores[name].append(score.cpu())
             dims = observed_dims(model_trace)
+            integrated.update(dict.fromkeys(integrated_out(model_trace)))
             relaxed = elbo_terms(*run_traces(model, guide, batch))
             surrogate.append(relaxed.elbo.cpu())
             for name, value in {**relaxed.distortion, **relaxed.rate}.items():
@@ -197,6 +209,7 @@ def point_terms(
         surrogate_costs={name: torch.cat(v) for name, v in costs.items()},
         collapse={name: torch.cat(v) for name, v in scores.items()},
         normalisers=normalisers,
+        integrated_out=tuple(integrated),
     )
 
 
@@ -251,6 +264,7 @@ def summarise(points: PointTerms) -> dict:
         "examples": int(points.exact.shape[0]),
         "observed_dims": points.observed_dims,
         "exact_elbo": mean_and_se(points.exact),
+        **({"code_elbo": mean_and_se(points.code_elbo)} if points.integrated_out else {}),
         "exact_bits_per_dim": bits_per_dim(-float(points.exact.double().mean()), points.observed_dims),
         "surrogate_elbo": mean_and_se(points.surrogate),
         "surrogate_gap": mean_and_se(points.gap),

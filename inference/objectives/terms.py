@@ -210,6 +210,16 @@ def observed_dims(model_trace: Trace) -> int:
     return total
 
 
+def integrated_out(model_trace: Trace) -> list[str]:
+    """The latents flagged :data:`~probvq.factors.INTEGRATES_OUT`, which :func:`log_weight` leaves
+    out while the ELBO pays their rates."""
+    return [
+        name
+        for name, site in model_trace.nodes.items()
+        if _is_latent(site) and site["infer"].get(INTEGRATES_OUT)
+    ]
+
+
 def log_weight(model_trace: Trace, guide_trace: Trace) -> Tensor:
     """The importance log-weight ``log p(x, z) - log q(z | x)`` of the guide's sample, per example.
 

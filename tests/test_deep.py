@@ -217,10 +217,24 @@ def test_bad_depths_are_refused(kwargs, message):
         DeepVAE((1, 8, 8), Bernoulli(), grid=2, **kwargs)
 
 
-def test_gap_by_site_sums_to_the_gap():
+def test_gap_by_site_sums_to_the_gap_and_vanishes_above_every_relaxation():
+    """The parts sum to the gap; the top layer's part is 0, since neither its prior nor its
+    posterior reads a relaxed value, and its exact cost is the hand-written categorical KL of its
+    logits. (A halved KL, or a part booked under the wrong site, fails.)"""
     vae = tiny(3)
     fam = family(vae, "rr", straight_through=False)
-    points = point_terms(vae, fam, binary(64), seed=0)
-    parts = torch.stack(list(points.gap_by_site().values())).sum(0)
-    assert torch.allclose(parts, points.gap, atol=1e-4)
-    assert set(points.gap_by_site()) == {"x", "z1", "z2", "z3"}
+    x = binary(64)
+    points = point_terms(vae, fam, x, seed=0)
+    parts = points.gap_by_site()
+    assert set(parts) == {"x", "z1", "z2", "z3"}
+    torch.testing.assert_close(torch.stack(list(parts.values())).sum(0), points.gap, rtol=0, atol=1e-4)
+    torch.testing.assert_close(parts["z3"], torch.zeros(64), rtol=0, atol=1e-5)
+    assert float(parts["z1"].abs().mean()) > 1e-3 and float(parts["x"].abs().mean()) > 1e-3
+    model, guide = fam.wrap(vae.model, pyro_params=False), fam.wrap(vae.guide, pyro_params=False)
+    with torch.no_grad(), fam.exact():
+        model_trace, guide_trace = run_traces(model, guide, x)
+    log_q, log_p = (
+        torch.log_softmax(unwrap(t.nodes["z3"]["fn"])[0].logits, -1) for t in (guide_trace, model_trace)
+    )
+    by_hand = (log_q.exp() * (log_q - log_p.expand_as(log_q))).flatten(1).sum(1)
+    torch.testing.assert_close(points.rate["z3"], by_hand, rtol=1e-5, atol=1e-5)

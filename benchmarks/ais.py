@@ -18,21 +18,10 @@ import argparse
 import time
 
 import torch
-import torch.nn.functional as F
 
 from common import write_result
 from probvq.inference import load_checkpoint
-from probvq.rbm import RBM, ais, binary_states
-
-
-def exact_samples(rbm: RBM, n: int, generator: torch.Generator) -> torch.Tensor:
-    """Exact draws of h: u from its enumerated marginal, then h given u."""
-    weight, b, c = rbm.parameters64()
-    u = binary_states(rbm.hidden).double()
-    log_p = u @ c + F.softplus(b + u @ weight.T).sum(-1)
-    pick = torch.multinomial(log_p.softmax(0), n, replacement=True, generator=generator)
-    probs = torch.sigmoid(b + u[pick] @ weight.T).float()
-    return torch.bernoulli(probs, generator=generator)
+from probvq.rbm import RBM, ais
 
 
 def main() -> None:
@@ -58,8 +47,8 @@ def main() -> None:
             rbm.hidden_bias.copy_(state["energy.rbm.hidden_bias"][: args.hidden])
     exact = float(rbm.log_z_exact())
     generator = torch.Generator().manual_seed(args.seed)
-    start = exact_samples(rbm, args.chains, generator)
-    marginals = exact_samples(rbm, 10_000, generator).mean(0).clamp(0.005, 0.995)
+    start = rbm.sample_exact(args.chains, generator)
+    marginals = rbm.sample_exact(10_000, generator).mean(0).clamp(0.005, 0.995)
     rows = []
     for steps in args.steps:
         runs = {

@@ -22,8 +22,11 @@ float64. ``E[w] = Z / Z_0``, so ``log mean w`` underestimates ``log Z`` on avera
 log-likelihood computed with it is biased *upwards*. Run in reverse (``reverse_from``, samples of
 ``p``; Burda, Grosse and Salakhutdinov 2015, "Accurate and conservative estimates of MRF
 log-likelihood using reverse annealing") the weights estimate ``Z_0 / Z`` and the log of their mean
-over-estimates ``log Z`` on average, a conservative check, exactly so when the starting samples are
-exact draws of ``p`` (here they are persistent-chain states, an approximation).
+over-estimates ``log Z`` on average, a conservative estimate, exactly so when the starting samples
+are exact draws of ``p`` (:meth:`RBM.sample_exact`, which needs the same enumeration as an exact
+``log Z``); from persistent-chain states that mix poorly between modes it is no guarantee.
+:class:`RBMPrior` reports both, with where the reverse run started, and the larger of the two as
+``conservative_log_z``.
 
 :class:`RBMPrior` makes an RBM the energy prior of a code site (:class:`probvq.EnergyPrior`):
 persistent chains (PCD, Tieleman 2008) give the gradient of ``log Z`` during training, and
@@ -56,9 +59,13 @@ def binary_states(n: int, start: int = 0, stop: int | None = None, like: Tensor 
     stop = 2**n if stop is None else stop
     device = like.device if like is not None else None
     dtype = like.dtype if like is not None else torch.get_default_dtype()
-    index = torch.arange(start, stop, device=device)
-    bits = 2 ** torch.arange(n - 1, -1, -1, device=device)
-    return ((index.unsqueeze(-1) // bits) % 2).to(dtype)
+    return _states_of(torch.arange(start, stop, device=device), n).to(dtype)
+
+
+def _states_of(index: Tensor, n: int) -> Tensor:
+    """The binary states numbered ``index`` (any shape), as :func:`binary_states` numbers them."""
+    bits = 2 ** torch.arange(n - 1, -1, -1, device=index.device)
+    return (index.unsqueeze(-1) // bits) % 2
 
 
 class RBM(nn.Module):
@@ -123,20 +130,39 @@ class RBM(nn.Module):
 
         Refuses RBMs whose smaller side exceeds :data:`EXACT_LIMIT` units (the sum has 2^n terms).
         """
+        return torch.logsumexp(self._smaller_side_log_probs("log_z_exact", chunk), 0)
+
+    def _smaller_side_log_probs(self, caller: str, chunk: int = 2**14) -> Tensor:
+        """Unnormalised ``log p`` of every state of the smaller side (``2^n``, float64): ``-F(h)``
+        when it is ``h``, else ``-F'(u) = c.u + sum_i softplus(b_i + (W u)_i)``."""
         n = min(self.units, self.hidden)
         if n > EXACT_LIMIT:
             raise ValueError(
-                f"log_z_exact: the smaller side has {n} units, 2^{n} states; enumeration is limited "
+                f"{caller}: the smaller side has {n} units, 2^{n} states; enumeration is limited "
                 f"to {EXACT_LIMIT} units (estimate log Z with ais instead)"
             )
         weight, b, c = self.parameters64()
-        if self.hidden <= self.units:  # sum over u: -F'(u) = c.u + sum_i softplus(b_i + (W u)_i)
+        if self.hidden <= self.units:
             weight, b, c = weight.T, c, b
         parts = []
         for start in range(0, 2**n, chunk):
             states = binary_states(n, start, min(start + chunk, 2**n), weight)
-            parts.append(torch.logsumexp(states @ b + F.softplus(c + states @ weight).sum(-1), 0))
-        return torch.logsumexp(torch.stack(parts), 0)
+            parts.append(states @ b + F.softplus(c + states @ weight).sum(-1))
+        return torch.cat(parts)
+
+    @torch.no_grad()
+    def sample_exact(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """``n`` exact, independent draws of ``h ~ p(h)``, ``(n, D)``, by enumerating the smaller side
+        (at most :data:`EXACT_LIMIT` units): ``h`` from its enumerated marginal, or ``u`` from its
+        own and then ``h ~ p(h | u)``. Reverse AIS from these is conservative in expectation."""
+        _positive("n", n)
+        log_p = self._smaller_side_log_probs("sample_exact")
+        pick = torch.multinomial((log_p - log_p.max()).exp(), n, replacement=True, generator=generator)
+        states = _states_of(pick, min(self.units, self.hidden)).to(self.weight)
+        if self.units < self.hidden:
+            return states
+        probs = torch.sigmoid(self.visible_bias + states @ self.weight.T)
+        return torch.bernoulli(probs, generator=generator)
 
 
 SCHEDULES = ("piecewise", "linear")
@@ -279,7 +305,10 @@ class RBMPrior(nn.Module):
       parameters, and are a buffer, so checkpoints keep them.
     * Evaluation: the log-normaliser is the ``log Z`` that ``before_evaluation`` last computed:
       exact when the RBM's smaller side has at most ``exact_limit`` units, else forward AIS
-      from the chains' marginals (reported with the reverse run beside it).
+      from the chains' marginals (optimistic on average), reported with a reverse run beside it
+      (from exact samples where the RBM is small enough to draw them, else from the chains) and
+      ``conservative_log_z``, the larger estimate, under which the evaluation also reports its
+      bounds.
 
     Args:
         units: D. hidden: M.
@@ -352,6 +381,41 @@ class RBMPrior(nn.Module):
         if self.active:
             self.chains.copy_(self.rbm.gibbs(self.chains, self.sweeps))
 
+    def _annealed(self, seed: int) -> tuple[float, dict]:
+        """Forward AIS for the figures, reverse AIS for a conservative estimate beside it, and what
+        each one's bias is (module docstring)."""
+        generator = torch.Generator(self.chains.device).manual_seed(seed)
+        # The chains' marginals, smoothed: a base close to p keeps the weights' spread small.
+        marginal = (self.chains.sum(0) + 1) / (self.chains.shape[0] + 2)
+        base = torch.logit(marginal)
+        forward = ais(self.rbm, self.ais_chains, self.ais_steps, base, generator=generator)
+        if min(self.rbm.units, self.rbm.hidden) <= EXACT_LIMIT:  # enumeration was switched off
+            start = self.rbm.sample_exact(self.ais_chains, generator)
+            origin = "exact samples of p: it over-estimates log Z on average (guaranteed in expectation)"
+        else:
+            rows = torch.arange(self.ais_chains, device=self.chains.device) % self.chains.shape[0]
+            start = self.rbm.gibbs(self.chains[rows], self.reverse_burn_in, generator)
+            origin = (
+                f"the persistent chains after {self.reverse_burn_in} more Gibbs sweeps, approximate "
+                "samples of p: it over-estimates log Z on average only as far as they mix, so it "
+                "is not a guarantee"
+            )
+        reverse = ais(self.rbm, steps=self.ais_steps, base_logits=base, generator=generator,
+                      reverse_from=start)  # fmt: skip
+        report = {
+            "method": "ais",
+            "log_z": forward.log_z,
+            "steps": self.ais_steps,
+            "forward": {
+                **forward.report(),
+                "bias": "forward AIS under-estimates log Z on average, so the ELBO and IWAE "
+                "figures computed with it (log_z) are optimistic, biased upwards",
+            },
+            "reverse": {**reverse.report(), "bias": f"reverse AIS from {origin}"},
+            "conservative_log_z": max(forward.log_z, reverse.log_z),
+        }
+        return forward.log_z, report
+
     @torch.no_grad()
     def before_evaluation(self, seed: int) -> dict | None:
         """Compute ``log Z`` for the current parameters (cached until they change); its report
@@ -367,25 +431,7 @@ class RBMPrior(nn.Module):
             log_z = float(self.rbm.log_z_exact())
             report = {"method": "exact", "log_z": log_z}
         else:
-            generator = torch.Generator(self.chains.device).manual_seed(seed)
-            # The chains' marginals, smoothed: a base close to p keeps the weights' spread small.
-            marginal = (self.chains.sum(0) + 1) / (self.chains.shape[0] + 2)
-            base = torch.logit(marginal)
-            forward = ais(self.rbm, self.ais_chains, self.ais_steps, base, generator=generator)
-            rows = torch.arange(self.ais_chains, device=self.chains.device) % self.chains.shape[0]
-            start = self.rbm.gibbs(self.chains[rows], self.reverse_burn_in, generator)
-            reverse = ais(self.rbm, steps=self.ais_steps, base_logits=base, generator=generator,
-                          reverse_from=start)  # fmt: skip
-            log_z = forward.log_z
-            report = {
-                "method": "ais",
-                "log_z": log_z,
-                "steps": self.ais_steps,
-                "forward": forward.report(),
-                "reverse": reverse.report(),
-                "bias": "forward AIS under-estimates log Z on average, so log p(x) computed with "
-                "it is biased upwards; the reverse run (from persistent-chain states) over-estimates it",
-            }
+            log_z, report = self._annealed(seed)
         self.log_z.fill_(log_z)
         self._evaluated, self._report = key, report
         return report

@@ -76,8 +76,12 @@ class Diagnostics:
         """Means with standard errors, shares of k-hat above 0.5 and 0.7, usage; JSON-ready."""
         dims = self.terms.observed_dims
         iwae = mean_and_se(self.bound)
+        summary = summarise(self.terms)
+        if "conservative" in summary:
+            bound = iwae["mean"] - summary["conservative"]["log_z_shift"]
+            summary["conservative"].update(iwae=bound, iwae_bits_per_dim=bits_per_dim(-bound, dims))
         return {
-            **summarise(self.terms),
+            **summary,
             "iwae": {
                 "k": self.k,
                 **iwae,

@@ -253,6 +253,20 @@ def _enumerated_terms(
     )
 
 
+def conservative_shift(normalisers: dict[str, dict]) -> float | None:
+    """How much every point's ``log p(x, z)`` falls when each estimated ``log Z`` (a report with a
+    ``conservative_log_z``, e.g. :class:`~probvq.rbm.RBMPrior`'s AIS) is replaced by its
+    conservative estimate; ``None`` when no ``log Z`` was estimated. Each normaliser enters once
+    per example (one energy-prior site per example, as in the ``rbm`` model), so bounds shift by
+    exactly this much and their standard errors do not change."""
+    shifts = [
+        report["conservative_log_z"] - report["log_z"]
+        for report in normalisers.values()
+        if "conservative_log_z" in report
+    ]
+    return sum(shifts) if shifts else None
+
+
 def summarise(points: PointTerms) -> dict:
     """Means and standard errors of :class:`PointTerms`; per-site terms also in bits/dim."""
 
@@ -279,6 +293,14 @@ def summarise(points: PointTerms) -> dict:
     summary["dead_codes"] = {name: int((c == 0).sum()) for name, c in points.usage.items()}
     if points.normalisers:
         summary["log_normalisers"] = points.normalisers
+    shift = conservative_shift(points.normalisers)
+    if shift is not None:
+        elbo = summary["exact_elbo"]["mean"] - shift
+        summary["conservative"] = {
+            "log_z_shift": shift,
+            "exact_elbo": elbo,
+            "exact_bits_per_dim": bits_per_dim(-elbo, points.observed_dims),
+        }
     if points.collapse:
         summary["collapse_score"] = {name: mean_and_se(v) for name, v in points.collapse.items()}
     return summary

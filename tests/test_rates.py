@@ -40,7 +40,7 @@ from probvq import (
     EnergyPrior,
     code,
 )
-from probvq.inference import RR, SQ, VQ, RelaxedBernoulli, elbo_terms, run_traces
+from probvq.inference import FAMILIES, RR, SQ, VQ, RelaxedBernoulli, elbo_terms, run_traces
 
 TAU = 0.8
 
@@ -99,6 +99,26 @@ class RBM(nn.Module):
         return torch.logsumexp(-self.energy(states), 0)
 
 
+class CodeEnergy(nn.Module):
+    """``F(v) = -a.v - sum_j softplus(c_j + W_j.v)`` over the values of 3 positions of D = 2 (the
+    flattened grid), with ``log Z`` over the K^N configurations of ``space``."""
+
+    def __init__(self, space: Codebook, positions: int = 3, hidden: int = 2):
+        super().__init__()
+        self.spaces, self.positions = [space], positions  # in a list: not a parameter of the prior
+        self.a = nn.Parameter(0.5 * torch.randn(positions * 2))
+        self.c = nn.Parameter(0.5 * torch.randn(hidden))
+        self.W = nn.Parameter(0.5 * torch.randn(hidden, positions * 2))
+
+    def energy(self, v):
+        flat = v.flatten(-2)
+        return -(flat @ self.a) - nn.functional.softplus(self.c + flat @ self.W.T).sum(-1)
+
+    def log_z(self):
+        configs = torch.tensor(list(itertools.product(range(3), repeat=self.positions)))
+        return torch.logsumexp(-self.energy(self.spaces[0].embed_index(configs)), 0)
+
+
 class Case:
     """A site, its features, a family and a prior, and the parameters the gradients are taken in."""
 
@@ -120,7 +140,7 @@ class Case:
             "logits": None,
             "markov": Markov(n, k, value_dim),
             "opaque": Opaque(self.logits),
-            "energy": RBM() if binary else None,
+            "energy": RBM() if binary else CodeEnergy(self.space),
         }[prior]
         self.family = self.make_family(family)
 
@@ -130,7 +150,12 @@ class Case:
             return VQ([self.site])
         if name == "bernoulli":
             return RelaxedBernoulli([self.site], **relaxed)
-        family = {"sq": SQ, "rr": RR}[name]([self.site], init_var=0.6, **relaxed)
+        if name == "gumbel":
+            return FAMILIES["gumbel"].cls([self.site], **relaxed)
+        if name == "score":  # exact codes in training: nothing to relax
+            family = FAMILIES["score"].cls([self.site], init_var=0.6)
+        else:
+            family = {"sq": SQ, "rr": RR}[name]([self.site], init_var=0.6, **relaxed)
         with torch.no_grad():
             for p in family.parameters():
                 p.add_(0.2 * torch.randn_like(p))
@@ -193,12 +218,14 @@ class Case:
     def q_logits(self) -> torch.Tensor:
         """The family's q, written by hand: logits ``(N, K)``."""
         family = self.family
-        if isinstance(family, RelaxedBernoulli):
+        if isinstance(self.space, BinaryUnits):  # bernoulli and score: the features are logits
             return torch.stack([torch.zeros_like(self.features), self.features], -1)
+        if family.name == "gumbel":
+            return family.readout["z"](self.features)
         book = self.space.weight
         distances = (self.features.unsqueeze(-2) - book).pow(2).sum(-1)
         log_var = family.log_var["z"]
-        if isinstance(family, SQ):
+        if family.name in ("sq", "score"):
             return -distances / (2 * log_var.exp())
         return self.logits.log_softmax(-1) - log_var - distances / (2 * log_var.exp())  # RR, D = 2
 
@@ -213,8 +240,9 @@ class Case:
         k = self.space.num_codes
         weights = nn.functional.one_hot(configs, k).to(torch.float64)
         if self.prior_kind == "energy":
-            rbm = self.prior_module
-            return -rbm.energy(weights[..., 1]) - rbm.log_z()
+            energy = self.prior_module
+            values = weights[..., 1] if isinstance(self.space, BinaryUnits) else self.embed(weights)
+            return -energy.energy(values) - energy.log_z()
         if self.prior_kind == "markov":
             values = self.embed(weights)
             logits = torch.stack(
@@ -267,8 +295,10 @@ class Case:
         """Hard VQ's rate written by hand, the straight-through value as the prior's context."""
         book = self.space.weight
         index = (self.features.unsqueeze(-2) - book).pow(2).sum(-1).argmin(-1)
+        value = self.features + (book[index] - self.features).detach()
+        if self.prior_kind == "energy":
+            return self.prior_module.energy(value) + self.prior_module.log_z()
         if self.prior_kind == "markov":
-            value = self.features + (book[index] - self.features).detach()
             logits = torch.stack(
                 [
                     self.prior_module.position_logits(n, value[n - 1] if n else None)
@@ -308,17 +338,22 @@ def assert_agrees(found, truth, label):
         assert torch.all((mean - expected).abs() <= tolerance), (label, name, mean, expected, se)
 
 
+PRIORS = ("logits", "markov", "opaque", "energy")
 CODEBOOK_CASES = [
     (family, prior)
-    for family in ("sq", "rr")
-    for prior in ("logits", "markov", "opaque")
-    if not (family == "rr" and prior != "logits")
+    for family in ("sq", "rr", "gumbel")
+    for prior in PRIORS
+    if not (family == "rr" and prior != "logits")  # refused: test_rr_refuses_priors_it_cannot_mix_with
 ]
-BINARY_CASES = [("bernoulli", prior) for prior in ("logits", "markov", "opaque", "energy")]
+BINARY_CASES = [("bernoulli", prior) for prior in PRIORS]
 RELAXED_CASES = [(f, p, False) for f, p in CODEBOOK_CASES] + [(f, p, True) for f, p in BINARY_CASES]
+EXACT_CASES = RELAXED_CASES + [("score", prior, binary) for binary in (False, True) for prior in PRIORS]
+SOFT_CASES = [case for case in RELAXED_CASES if case[1:] != ("energy", False)]
+"""The soft relaxation of an energy over codebook values has no quadrature of feasible size (K = 3
+Gumbel dimensions per position); binary units need one logistic dimension per unit."""
 
 
-@pytest.mark.parametrize(("family", "prior", "binary"), RELAXED_CASES)
+@pytest.mark.parametrize(("family", "prior", "binary"), EXACT_CASES)
 def test_exact_codes_pay_the_enumerated_kl(family, prior, binary):
     case = Case(family, prior, binary)
     with case.family.exact():
@@ -335,7 +370,7 @@ def test_straight_through_values_pay_the_enumerated_kl(family, prior, binary):
     assert_agrees(case.monte_carlo(), truth, "straight-through")
 
 
-@pytest.mark.parametrize(("family", "prior", "binary"), RELAXED_CASES)
+@pytest.mark.parametrize(("family", "prior", "binary"), SOFT_CASES)
 def test_soft_relaxation_pays_the_relaxed_objective_with_its_gradients(family, prior, binary):
     case = Case(family, prior, binary)
     points = 20 if prior == "energy" else 40
@@ -344,7 +379,7 @@ def test_soft_relaxation_pays_the_relaxed_objective_with_its_gradients(family, p
     assert_agrees(case.monte_carlo(), truth, "soft")
 
 
-@pytest.mark.parametrize("prior", ["logits", "markov", "opaque"])
+@pytest.mark.parametrize("prior", PRIORS)
 def test_hard_vq_pays_the_rate_of_its_codes(prior):
     case = Case("vq", prior, binary=False)
     truth = truth_and_gradients(case, case.vq_rate(), case.parameters())

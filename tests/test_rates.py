@@ -134,10 +134,11 @@ class Case:
             value_dim = 2
         self.site = CodeSite("z", self.space, self.grid)
         n, k = self.grid[0], self.space.num_codes
-        self.logits = nn.Parameter(torch.randn(n, k))
+        self.logits = torch.zeros(n, k) if prior == "uniform" else nn.Parameter(torch.randn(n, k))
         self.prior_kind = prior
         self.prior_module = {
             "logits": None,
+            "uniform": None,
             "markov": Markov(n, k, value_dim),
             "opaque": Opaque(self.logits),
             "energy": RBM() if binary else CodeEnergy(self.space),
@@ -166,6 +167,8 @@ class Case:
     def prior_parameters(self) -> list[nn.Parameter]:
         if self.prior_kind in ("logits", "opaque"):
             return [self.logits]
+        if self.prior_kind == "uniform":
+            return []
         return list(self.prior_module.parameters())
 
     def parameters(self) -> list[nn.Parameter]:
@@ -175,7 +178,7 @@ class Case:
     # -- probvq's side -------------------------------------------------------------------------
 
     def prior(self, batch: int):
-        if self.prior_kind == "logits":
+        if self.prior_kind in ("logits", "uniform"):
             return self.logits.expand(batch, *self.logits.shape)
         if self.prior_kind == "energy":
             rbm = self.prior_module
@@ -270,7 +273,7 @@ class Case:
         """The soft relaxed rate's expectation over the noise, by Gauss-Legendre quadrature."""
         q = self.q_logits()
         log_q = q.log_softmax(-1)
-        if self.prior_kind in ("logits", "opaque"):
+        if self.prior_kind in ("logits", "opaque", "uniform"):
             return (log_q.exp() * (log_q - self.logits.log_softmax(-1))).sum()
         if self.prior_kind == "energy":
             u, w = gauss_legendre(points, self.grid[0])
@@ -321,7 +324,7 @@ def gauss_legendre(points: int, dims: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def truth_and_gradients(case: Case, objective: torch.Tensor, exact_gradients: list[nn.Parameter]):
     params = case.parameters()
-    grads = torch.autograd.grad(objective, exact_gradients, allow_unused=True)
+    grads = torch.autograd.grad(objective, exact_gradients, allow_unused=True) if exact_gradients else ()
     known = {
         id(p): g if g is not None else torch.zeros_like(p)
         for p, g in zip(exact_gradients, grads, strict=True)
@@ -338,12 +341,12 @@ def assert_agrees(found, truth, label):
         assert torch.all((mean - expected).abs() <= tolerance), (label, name, mean, expected, se)
 
 
-PRIORS = ("logits", "markov", "opaque", "energy")
+PRIORS = ("uniform", "logits", "markov", "opaque", "energy")
 CODEBOOK_CASES = [
     (family, prior)
     for family in ("sq", "rr", "gumbel")
     for prior in PRIORS
-    if not (family == "rr" and prior != "logits")  # refused: test_rr_refuses_priors_it_cannot_mix_with
+    if not (family == "rr" and prior in ("markov", "opaque", "energy"))  # refused (a test below)
 ]
 BINARY_CASES = [("bernoulli", prior) for prior in PRIORS]
 RELAXED_CASES = [(f, p, False) for f, p in CODEBOOK_CASES] + [(f, p, True) for f, p in BINARY_CASES]
@@ -379,7 +382,14 @@ def test_soft_relaxation_pays_the_relaxed_objective_with_its_gradients(family, p
     assert_agrees(case.monte_carlo(), truth, "soft")
 
 
-@pytest.mark.parametrize("prior", PRIORS)
+def test_hard_vq_pays_log_k_per_position_under_a_uniform_prior():
+    case = Case("vq", "uniform", binary=False)
+    rates = case.rates(8)
+    torch.testing.assert_close(rates, torch.full((8,), 3 * np.log(3)))
+    assert not rates.requires_grad
+
+
+@pytest.mark.parametrize("prior", [p for p in PRIORS if p != "uniform"])
 def test_hard_vq_pays_the_rate_of_its_codes(prior):
     case = Case("vq", prior, binary=False)
     truth = truth_and_gradients(case, case.vq_rate(), case.parameters())

@@ -381,7 +381,7 @@ class RBMPrior(nn.Module):
         if self.active:
             self.chains.copy_(self.rbm.gibbs(self.chains, self.sweeps))
 
-    def _annealed(self, seed: int) -> tuple[float, dict]:
+    def _annealed(self, seed: int) -> dict:
         """Forward AIS for the figures, reverse AIS for a conservative estimate beside it, and what
         each one's bias is (module docstring)."""
         generator = torch.Generator(self.chains.device).manual_seed(seed)
@@ -414,7 +414,7 @@ class RBMPrior(nn.Module):
             "reverse": {**reverse.report(), "bias": f"reverse AIS from {origin}"},
             "conservative_log_z": max(forward.log_z, reverse.log_z),
         }
-        return forward.log_z, report
+        return report
 
     @torch.no_grad()
     def before_evaluation(self, seed: int) -> dict | None:
@@ -431,7 +431,8 @@ class RBMPrior(nn.Module):
             log_z = float(self.rbm.log_z_exact())
             report = {"method": "exact", "log_z": log_z}
         else:
-            log_z, report = self._annealed(seed)
+            report = self._annealed(seed)
+            log_z = report["log_z"]
         self.log_z.fill_(log_z)
         self._evaluated, self._report = key, report
         return report

@@ -127,3 +127,28 @@ def test_fit_trains_a_mixture_whose_posterior_weights_underflow():
     fit(vae, fam, x, x, config)  # the old split stopped on non-finite gradients
     after = evaluate(vae, fam, x, collapse=False)["exact_elbo"]["mean"]
     assert after > before + 10, (before, after)
+
+
+def test_pyros_loss_interface_gives_minus_log_p_x_and_its_exact_gradient(tiny, tiny_data):
+    # What pyro.infer.SVI calls: loss (evaluate_loss) and loss_and_grads (step).
+    fam = FAMILIES["enum"].build(tiny.code_sites)
+    model, guide = fam.wrap(tiny.model, pyro_params=False), fam.wrap(tiny.guide, pyro_params=False)
+    elbo = fam.elbo(max_plate_nesting=1)
+    exact = -tiny.log_marginal(tiny_data).sum()
+    params = [tiny.decoder[0].weight, tiny.prior_logits, tiny.codebook.weight]
+    want = torch.autograd.grad(exact, params)
+    assert elbo.loss(model, guide, tiny_data) == pytest.approx(float(exact), rel=1e-6)
+    assert elbo.loss_and_grads(model, guide, tiny_data) == pytest.approx(float(exact), rel=1e-6)
+    for param, grad in zip(params, want, strict=True):
+        torch.testing.assert_close(param.grad, grad)
+
+
+def test_usage_is_the_posteriors_expected_code_counts_over_every_batch(tiny, tiny_data):
+    fam = FAMILIES["enum"].build(tiny.code_sites)
+    summary = evaluate(tiny, fam, tiny_data, batch_size=2, collapse=False)  # batches of 2, 2 and 1
+    with torch.no_grad():
+        posterior = torch.softmax(tiny.log_joint(tiny_data), 0).double()  # (K^N, B)
+    onehot = torch.nn.functional.one_hot(tiny.configurations(), 3).sum(1).double()  # (K^N, K)
+    usage = (posterior.sum(1)[:, None] * onehot).sum(0)
+    p = usage / usage.sum()
+    assert summary["perplexity"]["z"] == pytest.approx(float(torch.exp(-(p * p.log()).sum())), rel=1e-6)

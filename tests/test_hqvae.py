@@ -163,7 +163,9 @@ def redrawn_by_hand(vae, fam, x, name, seed=11):
 
 
 def test_collapse_score_is_zero_for_a_disconnected_layer_and_positive_otherwise():
-    vae, fam, x = trained("injected,injected")
+    # Seed 1 leaves both layers well used (scores near 400) at one thread and at two; at seed 0 the
+    # first layer ends barely used, and whether its score clears 5 depends on the thread count.
+    vae, fam, x = trained("injected,injected", seed=1)
     scores = evaluate(vae, fam, x)["collapse_score"]
     assert scores["z1"]["mean"] > 5 and scores["z2"]["mean"] > 5, scores
     for name in ("z1", "z2"):  # the mean change of log p(x | z) under a uniform redraw

@@ -69,7 +69,10 @@ def test_ancestral_samples_follow_the_prior_of_a_two_position_grid():
     index = torch.cartesian_prod(torch.arange(3), torch.arange(3)).view(9, 1, 2)
     with torch.no_grad():
         exact = codes.log_prob(space.code_of_index(index)).exp()
-        drawn = space.index_of(codes.sample(torch.Size([6000]))).view(-1, 2)
+        # a sample shape of two dims, so that reading the wrong dim of it cannot go unseen
+        drawn = space.index_of(codes.sample(torch.Size([2, 3000])))
+        assert drawn.shape == (2, 3000, 1, 2)
+        drawn = drawn.view(-1, 2)
     assert abs(float(exact.sum()) - 1) < 1e-5
     freq = torch.bincount(drawn[:, 0] * 3 + drawn[:, 1], minlength=9) / 6000.0
     assert (freq - exact).abs().max() < 4 * (0.25 / 6000) ** 0.5

@@ -8,7 +8,17 @@ from torch import nn
 
 from probvq import DATA_PLATE, BinaryUnits, Codebook, CodeGroup, CodeSite, code, prior_factor
 from probvq.config import RunConfig
-from probvq.inference import RR, SQ, VQ, FamilyStack, TemperatureSchedule, elbo_terms, fit, run_traces
+from probvq.inference import (
+    FAMILIES,
+    RR,
+    SQ,
+    VQ,
+    FamilyStack,
+    TemperatureSchedule,
+    elbo_terms,
+    fit,
+    run_traces,
+)
 from probvq.inference.objectives.terms import log_weight, observed_dims
 
 
@@ -288,3 +298,43 @@ def test_codes_carry_their_index_through_a_trace_and_a_copy(two_level):
     for copy in (relaxed.clone(), relaxed.detach().double().float(), relaxed.to("cpu", copy=True)):
         torch.testing.assert_close(site["fn"].log_prob(copy), site["fn"].log_prob(relaxed))
     assert not hasattr(two_level.bottom_book, "_memo")
+
+
+@pytest.mark.parametrize("name", ["vq", "sq", "rr"])
+def test_pyros_loss_interface_is_the_differentiable_loss_and_its_gradient(name, tiny, tiny_data):
+    # What pyro.infer.SVI calls: loss (evaluate_loss) and loss_and_grads (step), on one draw each.
+    fam = FAMILIES[name].build(tiny.code_sites)
+    model, guide = fam.wrap(tiny.model, pyro_params=False), fam.wrap(tiny.guide, pyro_params=False)
+    elbo = fam.elbo(max_plate_nesting=1)
+    params = [p for p in (*tiny.parameters(), *fam.parameters()) if p.requires_grad]
+    pyro.set_rng_seed(5)
+    want = elbo.differentiable_loss(model, guide, tiny_data)
+    grads = torch.autograd.grad(want, params, allow_unused=True)
+    pyro.set_rng_seed(5)
+    assert elbo.loss(model, guide, tiny_data) == pytest.approx(float(want.detach()), rel=1e-6)
+    pyro.set_rng_seed(5)
+    assert elbo.loss_and_grads(model, guide, tiny_data) == pytest.approx(float(want.detach()), rel=1e-6)
+    for param, grad in zip(params, grads, strict=True):
+        if grad is not None:
+            torch.testing.assert_close(param.grad, grad)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_a_stack_is_its_families_together_and_refuses_overlaps_and_mixed_elbos(tiny, tiny_data):
+    sites = [CodeSite(name, Codebook(3, 2, init="normal"), (2,)) for name in ("a", "b", "c")]
+    stack = FamilyStack(VQ(sites, claims=["a"]), VQ(sites, claims=["b"]), SQ(sites, claims=["c"]))
+    assert stack.sites == dict(zip("abc", sites, strict=True)) and stack.name == "vq+vq+sq"
+    assert stack.elbo_class is VQ.elbo_class and FamilyStack(SQ(sites, claims=["c"])).name == "sq"
+    with pytest.raises(ValueError, match=r"\['a'\] are claimed twice"):
+        FamilyStack(VQ(sites, claims=["a"]), VQ(sites, claims=["b"]), VQ(sites, claims=["a"]))
+    with pytest.raises(ValueError, match="different ELBOs"):
+        FamilyStack(VQ(sites, claims=["a"]), FAMILIES["score"].cls(sites, claims=["b"]))
+    # wrapped like a family: by default the program's parameters go to Pyro's store, for SVI
+    pyro.clear_param_store()
+    tiny_stack = FamilyStack(VQ(tiny.code_sites))
+    pyro.poutine.trace(tiny_stack.wrap(tiny.model)).get_trace(tiny_data)
+    names = list(pyro.get_param_store().keys())
+    assert any(name.endswith("decoder.0.weight") for name in names)
+    pyro.clear_param_store()
+    pyro.poutine.trace(tiny_stack.wrap(tiny.model, pyro_params=False)).get_trace(tiny_data)
+    assert not list(pyro.get_param_store().keys())

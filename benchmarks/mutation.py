@@ -214,11 +214,11 @@ def collect(ws: Path, modules: list[str], triage: dict[str, str]) -> dict[str, A
         meta = ws / "mutants" / (workspace_path(module) + ".meta")
         codes = json.loads(meta.read_text())["exit_code_by_key"]
         counts = Counter(STATUS.get(code, f"exit {code}") for code in codes.values())
-        mutants = cst.parse_module((ws / "mutants" / workspace_path(module)).read_text())
+        source = cst.parse_module((ws / "mutants" / workspace_path(module)).read_text())
         for name, code in sorted(codes.items()):
             if STATUS.get(code) in DETECTED | {"not checked"}:
                 continue
-            diff = diff_of(mutants, name, module)
+            diff = diff_of(source, name, module)
             key = triage_key(name, diff)
             reason = triage.get(key) or triage.get(key.split("\n", 1)[0])
             counts["equivalent" if reason else "undetected"] += 1
@@ -238,7 +238,6 @@ def collect(ws: Path, modules: list[str], triage: dict[str, str]) -> dict[str, A
     killed = sum(r["killed"] for r in rows.values())
     return {
         "score": killed / max(mutants - equivalent, 1),
-        "raw_score": killed / max(mutants, 1),
         "mutants": mutants,
         "killed": killed,
         "equivalent": equivalent,
